@@ -231,13 +231,20 @@ class UnsupervisedSource(SegmentSource):
   name = 'folder'
 
   def __init__(self, paths: Sequence[str], params: UnsupervisedParams = UnsupervisedParams(),
-               max_side: int = 640, min_side: int = 64, cache_size: int = 16):
+               max_side: int = 640, min_side: int = 64, cache_size: int = 16,
+               groups: Optional[Sequence[int]] = None):
     super().__init__(max_side, min_side, cache_size)
     if len(paths) < 2:
       raise DataError(f'{self.name}: need at least 2 images (an object source and a background), '
                       f'found {len(paths)}')
     self.paths = list(paths)
     self.params = params
+    # Images of one group show the same scene (a stereo pair): never source and background of a pair,
+    # or B's background would hold unlabelled copies of A's content.
+    self.groups = list(groups) if groups is not None else list(range(len(self.paths)))
+    self._one_per_group = len(set(self.groups)) == len(self.groups)
+    if len(set(self.groups)) < 2:
+      raise DataError(f'{self.name}: need images of at least 2 different scenes')
     self._pair_cache: 'collections.OrderedDict[int, List[Tuple[int, int]]]' = collections.OrderedDict()
 
   def __len__(self) -> int:
@@ -281,8 +288,12 @@ class UnsupervisedSource(SegmentSource):
     return pairs
 
   def _other_image(self, rng: np.random.Generator, exclude: int) -> int:
-    index = int(rng.integers(len(self) - 1))
-    return index + (index >= exclude)
+    """A uniformly drawn image of another group than image `exclude`."""
+    if self._one_per_group:  # skip building the list
+      index = int(rng.integers(len(self) - 1))
+      return index + (index >= exclude)
+    others = [i for i, group in enumerate(self.groups) if group != self.groups[exclude]]
+    return others[int(rng.integers(len(others)))]
 
   def sample_one(self, rng, tries: int = 8):
     background = int(rng.integers(len(self)))
@@ -337,7 +348,9 @@ class BundledSource(UnsupervisedSource):
   name = 'bundled'
 
   def __init__(self, **kwargs):
-    super().__init__(bundled_image_paths(), **kwargs)
+    paths = bundled_image_paths()
+    scenes = [os.path.basename(p).replace('_right', '_left') for p in paths]  # motorcycle stereo pair
+    super().__init__(paths, groups=[scenes.index(s) for s in scenes], **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
