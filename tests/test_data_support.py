@@ -13,9 +13,13 @@ from data_pipeline import segments
 
 
 def small_config(**overrides):
-  """The demo config at 128 x 128 with a handful of pairs, made in this process."""
+  """The demo config at 192 x 192 (12 x 12 cells) with a handful of pairs, made in this process.
+
+  Two-object pairs need room: below ~192 px most objects' masks fall under the minimum cell count.
+  """
   config = demo.get_config()
-  config.image_size = 128
+  config.image_size = 192
+  config.swap.min_mask_cells = 2.0
   config.num_pairs = 6
   config.num_validation = 2
   config.shard_size = 3

@@ -82,7 +82,8 @@ def generated_pairs():
   """Pairs made by the real pipeline (bundled photos, 256 px), decoded from their stored JPEGs."""
   pairs = []
   for fraction in (0.0, 1.0):  # one-object, then two-object pairs
-    maker = shards.PairMaker(support.small_config(image_size=256, two_object_fraction=fraction))
+    maker = shards.PairMaker(support.small_config(image_size=256, two_object_fraction=fraction,
+                                                   **{'swap.min_mask_cells': 4.0}))
     stats = shards.empty_stats()
     for index in range(4):
       example = maker.example('train', index, stats)
