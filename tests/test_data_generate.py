@@ -12,6 +12,7 @@ from data_pipeline import generate
 from data_pipeline import shards
 from data_pipeline.errors import DataError
 import test_data_support as support
+from test_data_support import small_dataset  # noqa: F401 (fixture)
 
 FEATURES = {'image_a', 'image_b', 'image_a_styled', 'image_b_styled', 'corr_a', 'corr_b', 'mask_a',
             'mask_b', 'num_objects', 'source'}
@@ -35,10 +36,9 @@ def assert_same_examples(first, second):
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory):
+def reference_run(small_dataset):
   """An uninterrupted run, in this process."""
-  data_dir = str(tmp_path_factory.mktemp('uninterrupted'))
-  return generate.generate(support.small_config(), data_dir)
+  return small_dataset
 
 
 def test_dataset_has_the_documented_features(reference_run):

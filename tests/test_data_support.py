@@ -7,9 +7,13 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 
 from configs.data import demo
+from data_pipeline import builder
+from data_pipeline import generate
 from data_pipeline import segments
+from data_pipeline import shards
 
 
 def small_config(**overrides):
@@ -97,3 +101,25 @@ def test_mini_coco_is_read_by_pycocotools(tmp_path):
   assert len(coco.imgs) == 3 and len(coco.anns) == 6
   mask = coco.annToMask(coco.anns[1])
   assert mask.shape == (512, 512) and 8000 < mask.sum() < 12000  # ~90 x 125 px quadrilateral
+
+
+@pytest.fixture(scope='session')
+def small_dataset(tmp_path_factory):
+  """An uninterrupted generation of `small_config()` (6 train + 2 validation pairs); its directory."""
+  return generate.generate(small_config(), str(tmp_path_factory.mktemp('small_dataset')))
+
+
+@pytest.fixture(scope='session')
+def generated_pairs():
+  """Pairs made by the real pipeline (bundled photos, 256 px), decoded from their stored JPEGs:
+  four one-object pairs, then four two-object pairs."""
+  pairs = []
+  for fraction in (0.0, 1.0):
+    maker = shards.PairMaker(small_config(image_size=256, two_object_fraction=fraction,
+                                          **{'swap.min_mask_cells': 4.0}))
+    stats = shards.empty_stats()
+    for index in range(4):
+      example = maker.example('train', index, stats)
+      pairs.append({**example, **{k: builder.decode_jpeg(example[k])
+                                  for k in builder.IMAGE_FEATURES}})
+  return pairs

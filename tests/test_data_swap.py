@@ -6,11 +6,11 @@ from scipy import ndimage
 
 from data_pipeline import blend
 from data_pipeline import builder
-from data_pipeline import shards
 from data_pipeline import style
 from data_pipeline import swap
 from segswap_jax import geometry
 import test_data_support as support
+from test_data_support import generated_pairs  # noqa: F401 (fixture)
 
 
 def test_two_object_regions_are_the_reference_sixteen():
@@ -75,21 +75,6 @@ def test_poisson_paste_keeps_everything_in_place():
 
   in_place = roughness(0, 0)
   assert all(in_place < 0.5 * roughness(dx, dy) for dx, dy in [(1, 0), (-1, 0), (0, 1), (0, -1)])
-
-
-@pytest.fixture(scope='module')
-def generated_pairs():
-  """Pairs made by the real pipeline (bundled photos, 256 px), decoded from their stored JPEGs."""
-  pairs = []
-  for fraction in (0.0, 1.0):  # one-object, then two-object pairs
-    maker = shards.PairMaker(support.small_config(image_size=256, two_object_fraction=fraction,
-                                                   **{'swap.min_mask_cells': 4.0}))
-    stats = shards.empty_stats()
-    for index in range(4):
-      example = maker.example('train', index, stats)
-      pairs.append({**example, **{k: builder.decode_jpeg(example[k])
-                                  for k in builder.IMAGE_FEATURES}})
-  return pairs
 
 
 def test_generated_pairs_have_the_stored_format(generated_pairs):
