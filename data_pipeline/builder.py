@@ -113,6 +113,27 @@ def write_dataset(data_dir: str, source: str,
   return str(builder.data_dir)
 
 
+def resolve_dataset_dir(path: str, source: Optional[str] = None) -> str:
+  """A dataset directory from itself or from the data dir given to `generate` (DATA_DIR).
+
+  With several sources under DATA_DIR/segswap_pairs/, `source` picks one.
+  """
+  if os.path.isfile(os.path.join(path, 'dataset_info.json')):
+    return path
+  found = sorted(s for s in SOURCES if os.path.isfile(os.path.join(dataset_path(path, s),
+                                                                     'dataset_info.json')))
+  if source is not None:
+    if source not in found:
+      raise DataError(f'no {NAME}/{source} dataset under {path} (found: {", ".join(found) or "none"})')
+    return dataset_path(path, source)
+  if len(found) == 1:
+    return dataset_path(path, found[0])
+  if not found:
+    raise DataError(f'no {NAME} dataset under {path} (expected {dataset_path(path, "SOURCE")} or a '
+                    'directory holding dataset_info.json)')
+  raise DataError(f'several {NAME} datasets under {path} ({", ".join(found)}); choose one')
+
+
 def load_builder(path: str) -> tfds.core.DatasetBuilder:
   """The builder of a written dataset directory (the one holding dataset_info.json)."""
   if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
