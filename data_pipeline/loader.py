@@ -10,7 +10,8 @@
                    split='validation', style_variants=False, num_workers=0, shard_options=None,
                    drop_remainder=False) -> grain.DatasetIterator (one pass, in order)
 
-`data_dir` is a dataset directory as returned by `generate.generate` (.../segswap_pairs/SOURCE/1.0.0).
+`data_dir` is a dataset directory as returned by `generate.generate` (.../segswap_pairs/SOURCE/1.0.0),
+or the DATA_DIR given to it when it holds one dataset.
 Batches: image_a, image_b float32 (D, B, H, W, 3) ImageNet-normalised; corr_a, corr_b float32
 (D, B, h, w, 2); mask_a, mask_b float32 (D, B, h, w); pad_b bool (D, B, h, w) (True = background token
 of B removed as a key). Positives only: the in-batch negatives and the per-batch A/B swap of SPEC §2 are
@@ -128,6 +129,7 @@ def make_train_loader(data_dir: str, *, per_device_batch: int, num_devices: Opti
     A grain `DatasetIterator` (with `get_state` / `set_state`) of numpy dicts.
   """
   num_devices = num_devices or _default_num_devices()
+  data_dir = builder.resolve_dataset_dir(data_dir)
   size = _image_size(data_dir, image_size)
   dataset = _shard(grain.MapDataset.source(builder.data_source(data_dir, split)), shard_options)
   if len(dataset) < per_device_batch * num_devices:
@@ -159,6 +161,7 @@ def make_eval_loader(data_dir: str, *, per_device_batch: int, num_devices: Optio
   remainder divides by D; otherwise it is dropped: pad it yourself for static shapes).
   """
   num_devices = num_devices or _default_num_devices()
+  data_dir = builder.resolve_dataset_dir(data_dir)
   size = _image_size(data_dir, image_size)
   dataset = _shard(grain.MapDataset.source(builder.data_source(data_dir, split)), shard_options)
   dataset = dataset.map_with_index(
