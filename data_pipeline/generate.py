@@ -59,7 +59,10 @@ def _init_worker(config_json: str):
   import cv2
   import ml_collections
   cv2.setNumThreads(1)  # One process per core already.
-  _MAKER = shards.PairMaker(ml_collections.ConfigDict(json.loads(config_json)))
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  if config.style.kind == 'adain':  # every worker runs its own JAX: share the accelerator's memory
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  _MAKER = shards.PairMaker(config)
 
 
 def _run_task(task: Tuple[str, str, int, int, int]):
