@@ -174,3 +174,10 @@ def test_eval_loader_is_one_unaugmented_pass(small_dataset):
                                builder.decode_jpeg(stored[name_a]), atol=1e-3)
     np.testing.assert_allclose(unnormalize(batch['image_b'][0, 0]),
                                builder.decode_jpeg(stored[name_b]), atol=1e-3)
+
+
+def test_normalisation_matches_the_model():
+  from segswap_jax import model
+  image = np.random.default_rng(0).integers(0, 256, (40, 24, 3)).astype(np.uint8)
+  np.testing.assert_allclose(augment.normalize(image), np.asarray(model.normalize_images(image)),
+                             atol=2e-6)
