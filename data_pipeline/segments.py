@@ -25,6 +25,7 @@ import dataclasses
 import glob
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -429,7 +430,9 @@ class CocoSource(SegmentSource):
   def segment_mask(self, segment: Segment) -> np.ndarray:
     height, width = self.load_image(segment.image).shape[:2]
     try:
-      mask = self.coco.annToMask(self.coco.anns[segment.key]).astype(bool)
+      with warnings.catch_warnings():  # pycocotools' decode trips a numpy-2 DeprecationWarning
+        warnings.simplefilter('ignore', DeprecationWarning)
+        mask = self.coco.annToMask(self.coco.anns[segment.key]).astype(bool)
     except Exception as e:  # pycocotools raises assorted errors on malformed polygons.
       raise ImageReadError(self.image_path(segment.image),
                            f'annotation {segment.key} has an unusable segmentation ({e})') from e

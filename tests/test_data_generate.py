@@ -96,6 +96,17 @@ def test_corrupt_and_small_images_are_skipped_and_counted(tmp_path, capfd):
   assert '2 unusable image(s) were skipped' in err
 
 
+def test_generation_from_coco(tmp_path):
+  root = support.write_mini_coco(str(tmp_path / 'coco'))
+  config = support.small_config(source='coco', source_dir=root, num_pairs=4, num_validation=0)
+  path = generate.generate(config, str(tmp_path / 'data'))
+  examples = read_all(path, 'train')
+  assert path.endswith(os.path.join('segswap_pairs', 'coco', '1.0.0'))
+  assert {e['source'] for e in examples} == {b'coco'} and len(examples) == 4
+  assert {e['num_objects'] for e in examples} == {1, 2}
+  assert list(builder.load_builder(path).info.splits) == ['train']
+
+
 def test_bad_config_values_are_refused(tmp_path):
   with pytest.raises(DataError, match='multiple of 16'):
     generate.generate(support.small_config(image_size=100), str(tmp_path))

@@ -181,3 +181,45 @@ def test_normalisation_matches_the_model():
   image = np.random.default_rng(0).integers(0, 256, (40, 24, 3)).astype(np.uint8)
   np.testing.assert_allclose(augment.normalize(image), np.asarray(model.normalize_images(image)),
                              atol=2e-6)
+
+
+_PROCESS_SCRIPT = '''
+import hashlib, sys
+import jax
+jax.distributed.initialize('127.0.0.1:{port}', 2, int(sys.argv[1]))
+from data_pipeline import loader
+batches = loader.make_train_loader({path!r}, per_device_batch=1, num_devices=1, seed=0, num_epochs=1)
+print('HASHES', jax.process_index(), jax.process_count(),
+      ' '.join(hashlib.sha1(b['mask_a'].tobytes()).hexdigest() for b in batches))
+'''
+
+
+def test_two_jax_processes_split_the_pairs(small_dataset, tmp_path):
+  """Real 2-process JAX: the default ShardByJaxProcess gives each process a disjoint half."""
+  import hashlib
+  import os
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  script = tmp_path / 'shard.py'
+  script.write_text(_PROCESS_SCRIPT.format(port=port, path=small_dataset))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': repo}
+  processes = [subprocess.Popen([sys.executable, str(script), str(i)], cwd=repo, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  outputs = [p.communicate(timeout=120) for p in processes]
+  seen = {}
+  for (out, err), process in zip(outputs, processes):
+    assert process.returncode == 0, err[-2000:]
+    line = next(l for l in out.splitlines() if l.startswith('HASHES'))
+    _, index, count, *hashes = line.split()
+    assert count == '2'
+    seen[int(index)] = hashes
+  assert len(seen[0]) == len(seen[1]) == 3
+  source = builder.data_source(small_dataset, 'train')
+  expected = sorted(hashlib.sha1(source[i]['mask_a'].tobytes()).hexdigest() for i in range(6))
+  assert sorted(seen[0] + seen[1]) == expected
