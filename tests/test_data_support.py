@@ -94,6 +94,7 @@ def write_mini_coco(root: str, split: str = 'train2017', crowd: bool = True) -> 
   return root
 
 
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # inside pycocotools, numpy 2
 def test_mini_coco_is_read_by_pycocotools(tmp_path):
   from pycocotools.coco import COCO
   root = write_mini_coco(str(tmp_path / 'coco'))
