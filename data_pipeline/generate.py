@@ -1,7 +1,7 @@
 """Generates segment-swapping pairs into the TFDS ArrayRecord dataset `segswap_pairs` (SPEC §3).
 
   python -m data_pipeline.generate --config=configs/data/demo.py --data_dir /tmp/segswap_data
-  python -m data_pipeline.generate --config=configs/data/coco.py --data_dir DATA \
+  python -m data_pipeline.generate --config=configs/data/coco.py --data_dir DATA \\
       --config.source_dir=/datasets/coco --config.num_pairs=20000
 
 Runs in parallel over CPU cores (`--config.num_workers`, 0 = all), shows a progress bar, is

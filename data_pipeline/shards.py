@@ -105,8 +105,10 @@ class PairMaker:
           'num_objects': int(pair.num_objects), 'source': str(self.config.source),
       }
     bad = stats['bad_images']
-    detail = f'; unusable images so far: {len(bad)}, e.g. {next(iter(bad))}: {bad[next(iter(bad))]}' \
-        if bad else ''
+    detail = ''
+    if bad:
+      example = next(iter(bad))
+      detail = f'; unusable images so far: {len(bad)}, e.g. {example}: {bad[example]}'
     raise DataError(f'{split} pair {index}: no valid {num_objects}-object pair after '
                     f'{self.config.max_attempts} draws ({stats["rejected"]} rejected){detail}')
 
