@@ -4,7 +4,7 @@
   batch = next(it)   # numpy dict, every array with leading (D, B) axes
 
   make_train_loader(data_dir, *, per_device_batch, num_devices=None, seed=0, image_size=None,
-                    augment=AugmentConfig(), num_epochs=None, num_workers=0, worker_buffer=2,
+                    augment_config=AugmentConfig(), num_epochs=None, num_workers=0, worker_buffer=2,
                     num_threads=8, shard_options=None, split='train') -> grain.DatasetIterator
   make_eval_loader(data_dir, *, per_device_batch, num_devices=None, image_size=None,
                    split='validation', style_variants=False, num_workers=0, shard_options=None,
