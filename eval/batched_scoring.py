@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from eval.retrieval import DataError
 from segswap_jax import geometry
 from segswap_jax import model as model_lib
 from segswap_jax import scoring
@@ -210,3 +211,11 @@ def barrier(tag: str) -> None:
   """Blocks until every process reaches the same tag (no-op for one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(tag)
+
+
+def initialize_distributed(coordinator_address: Optional[str], num_processes: int, process_id: int) -> None:
+  """Joins a multi-process run (the same command on every host, one process id each); no-op for one."""
+  if num_processes > 1:
+    if not coordinator_address:
+      raise DataError('--num_processes > 1 needs --coordinator_address HOST:PORT')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -223,3 +223,24 @@ class FeatureCache:
     if process_count > 1:
       self.reload()
     return len(todo)
+
+
+def model_feature_cache(root: str, backbone_params, image_hw, normalization: str, dtype: str = 'float16',
+                        feature_dim: int = 1024, resize: str = 'PIL bilinear') -> FeatureCache:
+  """The cache for one backbone, input size and normalisation: `root/<fingerprint>_<W>x<H>_<norm>_<dtype>`.
+
+  Different checkpoints or settings get different folders; the meta check inside catches a folder
+  reused by hand.
+  """
+  height, width = image_hw
+  stride = 16
+  meta = {
+      'fingerprint': fingerprint_tree(backbone_params),
+      'image_size': [height, width],
+      'normalization': normalization,
+      'resize': resize,
+      'dtype': np.dtype(dtype).name,
+      'feature_shape': [-(-height // stride), -(-width // stride), feature_dim],
+  }
+  folder = f'{meta["fingerprint"]}_{width}x{height}_{normalization}_{meta["dtype"]}'
+  return FeatureCache(os.path.join(root, folder), meta)

@@ -78,3 +78,47 @@ def write_db_struct(path: str, db_names, db_utm, qry_names, qry_utm, which_set: 
       'posDistSqThr': 625.0,
       'nonTrivPosDistSqThr': 100.0,
   }})
+
+
+def constant_output_checkpoint(directory: str, seed: int = 0) -> str:
+  """A tiny random model whose transformer outputs are constant (x, y, mask) for every cell.
+
+  Every query cell then points at one target cell t and gets one weight w, so a candidate scores
+  w * max_c <f_q(c), f_d(t)>: an exact copy of the query scores w (the most any candidate can), other
+  photographs less. That makes the re-ranked order, hence its recall, predictable by hand.
+  """
+  config = model_lib.model_config('tiny')
+  params = random_params(config, seed)
+  head = params['transformer']['params']['final_linear']
+  head['kernel'] = np.zeros_like(head['kernel'])
+  head['bias'] = np.array([0.3, -0.2, 2.0], np.float32)
+  return checkpoints.save_model(directory, params, config)
+
+
+# The miniature place-recognition benchmark: 3 queries, 24 database images in 2 places of 12.
+PLACE_QUERY_PHOTOS = (0, 1, 2)
+PLACE_QRY_UTM = np.array([[0.0, 10.0], [1000.0, 0.0], [5000.0, 0.0]])
+PLACE_DB_UTM = np.array([[1000.0 * (i // 12), 0.0] for i in range(24)])
+PLACE_BASELINE_ORDER = ([13, 14, 5, 15], [2, 20, 3, 4], [0, 1, 2, 3])  # first entries of each row
+
+
+def place_db_photo(i: int) -> int:
+  """Database image i shows a photograph of its own, except the copies of queries 0 (db 5) and 1 (db 20)."""
+  return {5: 0, 20: 1}.get(i, 3 + i % 6)
+
+
+def baseline_scores() -> np.ndarray:
+  """(3, 24) float32 scores whose descending order starts with PLACE_BASELINE_ORDER, then by index."""
+  scores = np.zeros((3, 24), np.float32)
+  for q, head in enumerate(PLACE_BASELINE_ORDER):
+    order = list(head) + [i for i in range(24) if i not in head]
+    scores[q, order] = np.arange(100, 100 - len(order), -1, dtype=np.float32)
+  return scores
+
+
+def build_place_dataset(root: str, qry_dir: str, db_dir: str, qry_names, db_names, size_wh=(96, 64)) -> None:
+  """Writes the images of the miniature benchmark (PNG files, whatever extension the lists say)."""
+  for q, name in enumerate(qry_names):
+    save_photo(os.path.join(root, qry_dir, os.path.splitext(name)[0] + '.png'), PLACE_QUERY_PHOTOS[q], size_wh)
+  for i, name in enumerate(db_names):
+    save_photo(os.path.join(root, db_dir, os.path.splitext(name)[0] + '.png'), place_db_photo(i), size_wh)
