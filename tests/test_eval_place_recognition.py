@@ -9,6 +9,10 @@ and changes no recall here.
 """
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -114,7 +118,7 @@ def test_clear_errors_name_the_file(tokyo, checkpoint, tmp_path, capsys):
   bad = tmp_path / 'bad'
   os.makedirs(bad / 'database')
   for name in ('qry_list.npy', 'qry_utm.npy', 'db_utm.npy'):
-    os.link(os.path.join(tokyo, name), bad / name)
+    shutil.copy(os.path.join(tokyo, name), bad / name)
   # Missing db_list.npy and no .mat to fall back on.
   code, _ = _run(tokyo247.main, str(bad), checkpoint, tmp_path / 'x.json')
   err = _error(capsys)
@@ -143,7 +147,7 @@ def test_unreadable_image_names_the_file(tokyo, checkpoint, tmp_path, capsys):
   root = tmp_path / 'broken'
   os.makedirs(root)
   for name in ('qry_list.npy', 'qry_utm.npy', 'db_utm.npy', 'db_list.npy', 'top100_patchVlad.npy'):
-    os.link(os.path.join(tokyo, name), root / name)
+    shutil.copy(os.path.join(tokyo, name), root / name)
   os.symlink(os.path.join(tokyo, 'query'), root / 'query')
   os.makedirs(root / 'database')
   for name in TOKYO_DB:
@@ -153,3 +157,28 @@ def test_unreadable_image_names_the_file(tokyo, checkpoint, tmp_path, capsys):
   code, _ = _run(tokyo247.main, str(root), checkpoint, tmp_path / 'x.json')
   err = _error(capsys)
   assert code == 2 and err.startswith('error: cannot read image ') and '/broken/database/0381' in err
+
+
+def test_two_processes_split_queries_and_process_0_writes(tokyo, checkpoint, tmp_path):
+  """The same command on two JAX processes (2 emulated devices each): same numbers as one process."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  out = tmp_path / 'multi.json'
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'eval.tokyo247', '--checkpoint', checkpoint, '--data_dir', tokyo, '--topk', '4',
+       '--batch_size', '4', '--image_size', '96', '64', '--cache_dtype', 'float32', '--out', str(out),
+       '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2', '--process_id', str(i)],
+      env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  logs = [p.communicate(timeout=240)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert 'wrote' in logs[0] and 'wrote' not in logs[1]
+  result = json.loads(out.read_text())
+  assert result['timing']['processes'] == 2 and result['timing']['devices_per_process'] == 2
+  _assert_recall(result['recall']['baseline + NMS'], EXPECTED_BASELINE)
+  _assert_recall(result['recall']['re-ranked + NMS'], EXPECTED_RERANKED)
+  assert [q['reranked'][0] for q in result['queries'][:2]] == [5, 20]
