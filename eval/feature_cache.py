@@ -76,6 +76,9 @@ class FeatureCache:
   def reload(self) -> None:
     """Re-reads index.json (after another process registered names) and checks it is not stale."""
     index_path = os.path.join(self.directory, INDEX_FILE)
+    if not os.path.exists(index_path):
+      raise DataError(f'feature cache index {index_path} not found; with several processes the cache folder '
+                      '(--cache_dir) must be on a filesystem that all of them share')
     try:
       with open(index_path) as f:
         index = json.load(f)

@@ -57,26 +57,27 @@ def test_batched_equals_reference_loop_on_fixture_weights(fixture):
 
 @pytest.fixture(scope='module')
 def tiny():
+  """A tiny random model, its batched scorer on 4 devices (batch 3 -> 4), its loop, and 8 photos' features."""
   config = model_lib.model_config('tiny')
   params = toy.random_params(config, seed=3)
   images = np.stack([np.asarray(toy.photo(i).resize((96, 64))) for i in range(8)])
-  return config, params, images
+  scorer = CandidateScorer(params, config, batch_size=3)
+  loop = reference_loop.ReferenceLoopScorer(params, config)
+  return config, params, scorer, loop, scorer.features(images)
 
 
 def test_batched_equals_loop_with_padding_box_mask_and_float16(tiny):
-  config, params, images = tiny
-  scorer = CandidateScorer(params, config, batch_size=3)  # rounded up to 4: 7 candidates = 4 + 3 (+1 pad)
-  assert scorer.batch_size == 4
-  feats = scorer.features(images)
+  config, params, scorer, loop, feats = tiny
+  assert scorer.batch_size == 4  # 7 candidates = 4 + 3 (+1 padded)
   cached = feats[1:].astype(np.float16)  # the feature cache's dtype
   box = np.zeros(feats.shape[1:3], np.float32)
   box[1:3, 2:5] = 1.0
-  loop = reference_loop.ReferenceLoopScorer(params, config)
   for init in (None, box):
     batched = scorer.score(feats[0], 7, lambda rows: cached[rows], init_mask=init)
     expected = loop.score(feats[0], list(cached), init_mask=init)
     assert batched['score'].shape == (7,) and np.isfinite(batched['score']).all()
     np.testing.assert_allclose(batched['score'], expected['score'], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(batched['query_mask'], expected['query_mask'], rtol=1e-5, atol=1e-7)
   # The scores are not all equal (the check above is not vacuous).
   assert np.ptp(batched['score']) > 1e-4
   # One device gives the same numbers as four.
@@ -86,13 +87,11 @@ def test_batched_equals_loop_with_padding_box_mask_and_float16(tiny):
 
 
 def test_coarse_location_is_the_unweighted_mean_over_box_cells(tiny):
-  config, params, images = tiny
-  scorer = CandidateScorer(params, config, batch_size=4)
-  feats = scorer.features(images[:2])
+  _, _, scorer, loop, feats = tiny
   box = np.zeros(feats.shape[1:3], np.float32)
   box[0:2, 1:4] = 1.0
   stats = scorer.score(feats[0], 1, lambda rows: feats[1 + rows], init_mask=box)['stats'][0]
-  out_q, _ = reference_loop.ReferenceLoopScorer(params, config).pair(feats[0], feats[1])
+  out_q, _ = loop.pair(feats[0], feats[1])
   np.testing.assert_allclose(stats[:2], out_q[0:2, 1:4, :2].reshape(-1, 2).mean(0), rtol=1e-5)
 
 
