@@ -70,6 +70,17 @@ def correspondence_stats(out_q, weight, cell_mask):
   return jnp.concatenate([coarse, total[:, None], mean_src, mean_tgt, cov, var], axis=1)
 
 
+def balanced_batch_size(num_candidates: int, requested: int, num_devices: int) -> int:
+  """The smallest batch that scores `num_candidates` in as many calls as `requested` would.
+
+  E.g. 100 candidates asked in batches of 32 (4 calls, 28 padded slots) run as 4 x 25 on one device.
+  The result is a multiple of `num_devices`.
+  """
+  calls = -(-num_candidates // max(1, requested))
+  per_call = -(-num_candidates // calls)
+  return -(-per_call // num_devices) * num_devices
+
+
 class CandidateScorer:
   """A query against batches of candidates, with the candidate axis sharded over local devices.
 

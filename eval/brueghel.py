@@ -261,7 +261,8 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
         raise DataError(f'{SPLIT_FILES[split]}: image {name!r} of category {category} is not in {image_dir}')
   queries = queries[:num_queries] if num_queries else queries
 
-  scorer = batched_scoring.CandidateScorer(params, config, batch_size)
+  scorer = batched_scoring.CandidateScorer(params, config, batched_scoring.balanced_batch_size(
+      len(db_names) - 1, batch_size, jax.local_device_count()))
   cache = feature_cache.model_feature_cache(cache_dir, params['backbone'], (db_size, db_size), 'imagenet',
                                             cache_dtype, config.feature_dim)
   load_db = lambda name: images.load_resized(os.path.join(image_dir, name), (db_size, db_size))

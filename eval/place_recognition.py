@@ -78,7 +78,8 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
   topk = min(settings.topk, ranking.shape[1])
   candidates = ranking[:, :topk]
 
-  scorer = batched_scoring.CandidateScorer(params, config, settings.batch_size)
+  batch_size = batched_scoring.balanced_batch_size(topk, settings.batch_size, jax.local_device_count())
+  scorer = batched_scoring.CandidateScorer(params, config, batch_size)
   size_wh = tuple(settings.image_size_wh)
   width, height = size_wh
   normalization = 'denormalized' if settings.denormalize_candidates else 'imagenet'
@@ -134,7 +135,8 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
       'timing': {'cache_fill_s': cache_s, 'db_images_computed': computed, 'scoring_s': score_s,
                  'candidates_scored': scored * jax.process_count(),
                  'candidates_per_s': scored / score_s if scored and score_s > 0 else None,
-                 'devices_per_process': len(scorer.devices), 'processes': jax.process_count()},
+                 'batch_per_call': scorer.batch_size, 'devices_per_process': len(scorer.devices),
+                 'processes': jax.process_count()},
       'queries': [{'name': dataset.qry_names[q],
                    'baseline': ranking[q, :topk].tolist(),
                    'reranked': reranked[q, :topk].tolist(),

@@ -8,7 +8,7 @@ import pytest
 import eval_toy_data as toy
 import reference_fixture as ref
 from eval import reference_loop
-from eval.batched_scoring import CandidateScorer, gather_rows, query_shard
+from eval.batched_scoring import CandidateScorer, balanced_batch_size, gather_rows, query_shard
 from segswap_jax import convert
 from segswap_jax import model as model_lib
 
@@ -100,3 +100,10 @@ def test_query_shard_covers_every_query_once():
   np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(10))
   local = np.arange(10)[:, None] * 2.0
   np.testing.assert_array_equal(gather_rows(local, 10), local)  # one process: identity
+
+
+def test_balanced_batch_size():
+  assert balanced_batch_size(100, 32, 1) == 25   # 4 calls, no padding
+  assert balanced_batch_size(100, 32, 8) == 32   # 4 calls, multiple of 8
+  assert balanced_batch_size(1586, 32, 1) == 32  # 50 calls of 32 (14 padded slots)
+  assert balanced_batch_size(7, 100, 4) == 8
