@@ -12,7 +12,9 @@ Shapes: features `(..., h, w, C)` L2-normalised, outputs `(..., h, w, 3)` = (x, 
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Callable, Dict, Optional, Sequence
+import functools
+import json
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +83,44 @@ def balanced_batch_size(num_candidates: int, requested: int, num_devices: int) -
   return -(-per_call // num_devices) * num_devices
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_functions(config_json: str, devices: Tuple[jax.Device, ...]) -> Dict:
+  """The jitted functions of one model config on one device set, shared by every CandidateScorer built
+  for them (so a second scorer, e.g. a second evaluation in the same process, compiles nothing)."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  mesh = Mesh(np.array(devices), ('candidates',))
+  replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P('candidates'))
+  backbone = model_lib.build_backbone(config)
+  transformer = model_lib.build_transformer(config)
+
+  def features(backbone_vars, images, denormalize):
+    return backbone_features(backbone, backbone_vars, images, denormalize)
+
+  def query_mask(transformer_vars, feat_q, init_mask):
+    out_a, out_b = transformer.apply(transformer_vars, feat_q[None], feat_q[None], train=False)
+    return scoring.consistent_mask(init_mask[None], out_a, out_b)[0]
+
+  def score(transformer_vars, feat_q, mask_q, cell_mask, feat_d, valid):
+    # Cached features may be float16: back to float32 and unit norm, as the model expects.
+    feat_d = model_lib.l2_normalize(feat_d.astype(jnp.float32))
+    batch = feat_d.shape[0]
+    feat_qb = jnp.broadcast_to(feat_q, (batch,) + feat_q.shape)
+    out_q, out_d = transformer.apply(transformer_vars, feat_qb, feat_d, train=False)
+    weight = scoring.transported_mask(jnp.broadcast_to(mask_q, (batch,) + mask_q.shape), out_q, out_d)
+    scores = scoring.pair_score(feat_qb, feat_d, out_q, weight, cell_mask)
+    return {'score': jnp.where(valid, scores, -jnp.inf),
+            'stats': correspondence_stats(out_q, weight, cell_mask)}
+
+  return {
+      'sharded': sharded,
+      'replicated': replicated,
+      'features': jax.jit(features, static_argnums=2, out_shardings=sharded),
+      'query_mask': jax.jit(query_mask),
+      'score': jax.jit(score, in_shardings=(replicated,) * 4 + (sharded,) * 2, out_shardings=sharded),
+  }
+
+
 class CandidateScorer:
   """A query against batches of candidates, with the candidate axis sharded over local devices.
 
@@ -96,38 +136,12 @@ class CandidateScorer:
     self.devices = list(devices or jax.local_devices())
     n = len(self.devices)
     self.batch_size = -(-max(1, batch_size) // n) * n
-    self.mesh = Mesh(np.array(self.devices), ('candidates',))
-    replicated = NamedSharding(self.mesh, P())
-    self.sharded = NamedSharding(self.mesh, P('candidates'))
-    self.replicated = replicated
     self.config = config
-    backbone = model_lib.build_backbone(config)
-    transformer = model_lib.build_transformer(config)
+    functions = _compiled_functions(json.dumps(config.to_dict(), sort_keys=True), tuple(self.devices))
+    self.sharded, replicated = functions['sharded'], functions['replicated']
+    self._features, self._query_mask, self._score = functions['features'], functions['query_mask'], functions['score']
     self._backbone_vars = jax.device_put(params['backbone'], replicated)
     self._transformer_vars = jax.device_put(params['transformer'], replicated)
-
-    def features(backbone_vars, images, denormalize):
-      return backbone_features(backbone, backbone_vars, images, denormalize)
-
-    def query_mask(transformer_vars, feat_q, init_mask):
-      out_a, out_b = transformer.apply(transformer_vars, feat_q[None], feat_q[None], train=False)
-      return scoring.consistent_mask(init_mask[None], out_a, out_b)[0]
-
-    def score(transformer_vars, feat_q, mask_q, cell_mask, feat_d, valid):
-      # Cached features may be float16: back to float32 and unit norm, as the model expects.
-      feat_d = model_lib.l2_normalize(feat_d.astype(jnp.float32))
-      batch = feat_d.shape[0]
-      feat_qb = jnp.broadcast_to(feat_q, (batch,) + feat_q.shape)
-      out_q, out_d = transformer.apply(transformer_vars, feat_qb, feat_d, train=False)
-      weight = scoring.transported_mask(jnp.broadcast_to(mask_q, (batch,) + mask_q.shape), out_q, out_d)
-      scores = scoring.pair_score(feat_qb, feat_d, out_q, weight, cell_mask)
-      return {'score': jnp.where(valid, scores, -jnp.inf),
-              'stats': correspondence_stats(out_q, weight, cell_mask)}
-
-    self._features = jax.jit(features, static_argnums=2, out_shardings=self.sharded)
-    self._query_mask = jax.jit(query_mask)
-    self._score = jax.jit(score, in_shardings=(replicated,) * 4 + (self.sharded,) * 2,
-                          out_shardings=self.sharded)
 
   # -- features -----------------------------------------------------------------------------------
   def features(self, images: np.ndarray, denormalize: bool = False) -> np.ndarray:
