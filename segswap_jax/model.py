@@ -1,0 +1,288 @@
+"""SegSwap model: frozen ResNet-50 conv4 backbone + cross-image transformer (SPEC §1), NHWC.
+
+Why Flax linen (not nnx): training is `jax.pmap`-based with pure `(state, batch) -> state` steps, the
+parameters must round-trip through Orbax and map one-to-one onto the reference state dict, and the
+frozen backbone is a separate constant tree. Linen keeps parameters as plain nested dicts outside the
+modules, which is exactly what those three need (as in big_vision / scenic); nnx's stateful objects
+would have to be split back into such trees at every one of those boundaries.
+
+Shapes: images `(B, H, W, 3)`, features `(B, h, w, 1024)` with h, w = H/16, W/16, transformer outputs
+`(B, h, w, 3)` = (x, y, mask), x and y in [0, 1] of the *other* image. Images A and B may differ in size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FEATURE_STRIDE = 16
+FEATURE_DIM = 1024
+OUTPUT_EPS = 1e-7
+
+# Reference transformer sizes: (d_model, num_heads, num_blocks, dim_feedforward).
+TRANSFORMER_SIZES = {
+    'tiny': (128, 2, 3, 256),
+    'small': (256, 2, 3, 256),
+    'base': (512, 8, 3, 2048),
+    'large': (512, 8, 6, 2048),
+}
+DEFAULT_BLOCK_TYPES = 'I C I C I N'
+
+
+def parse_block_types(block_types: str) -> Tuple[Tuple[str, str], ...]:
+  """'I C I C I N' (spaces optional) -> (('I', 'C'), ('I', 'C'), ('I', 'N'))."""
+  letters = [c for c in str(block_types).upper() if not c.isspace() and c != ',']
+  if not letters or len(letters) % 2 or any(c not in 'ICN' for c in letters):
+    raise ValueError(f'block_types must be pairs of I/C/N letters, got {block_types!r}')
+  return tuple((letters[i], letters[i + 1]) for i in range(0, len(letters), 2))
+
+
+def model_config(size: str = 'small', block_types: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The model's configuration; derived sizes are filled in from `size` (the reference's four)."""
+  if size not in TRANSFORMER_SIZES:
+    raise ValueError(f'unknown transformer size {size!r}; expected one of {sorted(TRANSFORMER_SIZES)}')
+  d_model, num_heads, num_blocks, dim_feedforward = TRANSFORMER_SIZES[size]
+  if block_types is None:
+    # The reference repeats the default pattern over as many blocks as the size has.
+    block_types = ' '.join((['I', 'C'] * num_blocks)[:-1] + ['N'])
+  blocks = parse_block_types(block_types)
+  return ml_collections.ConfigDict({
+      'size': size,
+      'block_types': ' '.join(c for pair in blocks for c in pair),
+      'd_model': d_model,
+      'num_heads': num_heads,
+      'dim_feedforward': dim_feedforward,
+      'num_blocks': len(blocks),
+      'dropout': 0.1,
+      'drop_feat': 0.1,
+      'pos_weight': 0.1,
+      'feat_weight': 1.0,
+      'backbone': 'resnet50_conv4',
+      'feature_dim': FEATURE_DIM,
+  })
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """RGB in [0, 255] (uint8 or float) `(..., 3)` -> ImageNet-normalised float32."""
+  x = jnp.asarray(images, jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+
+
+def l2_normalize(features: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """L2-normalises over the last (channel) axis, like `F.normalize(x, dim=1)`."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
+  return features / jnp.maximum(norm, eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backbone: torchvision ResNet-50 up to layer3, eval-mode BatchNorm, PyTorch's symmetric padding.
+# ----------------------------------------------------------------------------------------------------
+
+def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, name=name)
+
+
+def _batch_norm(name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class Bottleneck(nn.Module):
+  """torchvision Bottleneck (v1.5: the stride sits on the 3x3 convolution)."""
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    out = nn.relu(_batch_norm('bn1')(_conv(self.planes, 1, 1, 'conv1')(x)))
+    out = nn.relu(_batch_norm('bn2')(_conv(self.planes, 3, self.stride, 'conv2')(out)))
+    out = _batch_norm('bn3')(_conv(self.planes * 4, 1, 1, 'conv3')(out))
+    identity = x
+    if self.downsample:
+      identity = _batch_norm('downsample_bn')(_conv(self.planes * 4, 1, self.stride, 'downsample_conv')(x))
+    return nn.relu(out + identity)
+
+
+# (name, planes, blocks, stride) of the stages kept from ResNet-50.
+RESNET50_CONV4_STAGES = (('layer1', 64, 3, 1), ('layer2', 128, 4, 2), ('layer3', 256, 6, 2))
+
+
+class ResNet50Conv4(nn.Module):
+  """ResNet-50 truncated after layer3: `(B, H, W, 3)` normalised -> `(B, H/16, W/16, 1024)` raw."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(_batch_norm('bn1')(_conv(64, 7, 2, 'conv1')(x)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    for stage, planes, blocks, stride in RESNET50_CONV4_STAGES:
+      for i in range(blocks):
+        x = Bottleneck(planes, stride if i == 0 else 1, downsample=(i == 0), name=f'{stage}_{i}')(x)
+    return x
+
+
+def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
+  if config.backbone == 'resnet50_conv4':
+    return ResNet50Conv4()
+  raise ValueError(f'unknown backbone {config.backbone!r}')
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cross-image transformer.
+# ----------------------------------------------------------------------------------------------------
+
+def sine_position_encoding(h: int, w: int, d_model: int) -> np.ndarray:
+  """DETR 2D sine encoding as the reference computes it: `(h, w, d_model)` = [pos_y, pos_x].
+
+  Normalised coordinates (index 1..n over n + 1e-6, times 2 pi), d_model/2 features per axis,
+  temperature 10000, sin on even and cos on odd features, interleaved. A trace-time constant.
+  """
+  num_feats = d_model // 2
+  y_embed = np.arange(1, h + 1, dtype=np.float32) / (np.float32(h) + np.float32(1e-6)) * np.float32(2 * math.pi)
+  x_embed = np.arange(1, w + 1, dtype=np.float32) / (np.float32(w) + np.float32(1e-6)) * np.float32(2 * math.pi)
+  dim_t = np.arange(num_feats, dtype=np.float32)
+  dim_t = np.float32(10000.0) ** (2 * (dim_t // 2) / np.float32(num_feats))
+
+  def encode(embed):
+    pos = embed[:, None] / dim_t  # (n, num_feats)
+    return np.stack([np.sin(pos[:, 0::2]), np.cos(pos[:, 1::2])], axis=-1).reshape(len(embed), num_feats)
+
+  pos_y = np.broadcast_to(encode(y_embed)[:, None, :], (h, w, num_feats))
+  pos_x = np.broadcast_to(encode(x_embed)[None, :, :], (h, w, num_feats))
+  return np.concatenate([pos_y, pos_x], axis=-1).astype(np.float32)
+
+
+class EncoderLayer(nn.Module):
+  """PyTorch `nn.TransformerEncoderLayer` (post-norm, ReLU) applied to two token sets.
+
+  `cross=False` (an I layer): each image's tokens attend to their own image; `cross=True` (a C layer):
+  to the other image's. This equals the reference's single attention over [A; B] with a block mask,
+  but never computes the masked half of the scores.
+  """
+  d_model: int
+  num_heads: int
+  dim_feedforward: int
+  dropout: float
+  cross: bool
+
+  def _attend(self, query, key, value, key_pad, deterministic):
+    """Multi-head scaled dot-product attention. query `(B, Nq, d)`, key/value `(B, Nk, d)`."""
+    b, nq, _ = query.shape
+    nk = key.shape[1]
+    head_dim = self.d_model // self.num_heads
+    q = query.reshape(b, nq, self.num_heads, head_dim) / math.sqrt(head_dim)
+    k = key.reshape(b, nk, self.num_heads, head_dim)
+    v = value.reshape(b, nk, self.num_heads, head_dim)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+    if key_pad is not None:
+      # A fully padded image would give NaN in PyTorch; a large finite value keeps it finite here.
+      logits = jnp.where(key_pad[:, None, None, :], jnp.finfo(logits.dtype).min, logits)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+    return jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, nq, self.d_model)
+
+  @nn.compact
+  def __call__(self, x_a, x_b, pad_a, pad_b, deterministic: bool):
+    in_proj = nn.Dense(3 * self.d_model, name='in_proj')
+    out_proj = nn.Dense(self.d_model, name='out_proj')
+    q_a, k_a, v_a = jnp.split(in_proj(x_a), 3, axis=-1)
+    q_b, k_b, v_b = jnp.split(in_proj(x_b), 3, axis=-1)
+    if self.cross:
+      att_a = self._attend(q_a, k_b, v_b, pad_b, deterministic)
+      att_b = self._attend(q_b, k_a, v_a, pad_a, deterministic)
+    else:
+      att_a = self._attend(q_a, k_a, v_a, pad_a, deterministic)
+      att_b = self._attend(q_b, k_b, v_b, pad_b, deterministic)
+
+    norm1 = nn.LayerNorm(epsilon=1e-5, name='norm1')
+    norm2 = nn.LayerNorm(epsilon=1e-5, name='norm2')
+    linear1 = nn.Dense(self.dim_feedforward, name='linear1')
+    linear2 = nn.Dense(self.d_model, name='linear2')
+    drop = nn.Dropout(self.dropout)
+
+    def finish(x, att):
+      x = norm1(x + drop(out_proj(att), deterministic=deterministic))
+      ff = linear2(drop(nn.relu(linear1(x)), deterministic=deterministic))
+      return norm2(x + drop(ff, deterministic=deterministic))
+
+    return finish(x_a, att_a), finish(x_b, att_b)
+
+
+class CrossTransformer(nn.Module):
+  """The reference `TransEncoder`: feature projection, I/C/N blocks, (x, y, mask) head.
+
+  Within one block a letter used twice refers to one layer (shared weights), as in the reference.
+  """
+  d_model: int = 256
+  num_heads: int = 2
+  dim_feedforward: int = 256
+  block_types: str = DEFAULT_BLOCK_TYPES
+  dropout: float = 0.1
+  drop_feat: float = 0.1
+  pos_weight: float = 0.1
+  feat_weight: float = 1.0
+
+  @nn.compact
+  def __call__(self, feat_a, feat_b, pad_a=None, pad_b=None, *, train: bool = False):
+    """feat_* `(B, h*, w*, C)` L2-normalised; pad_* bool `(B, h*, w*)`, True = ignored key.
+
+    Returns (out_a, out_b), `(B, h*, w*, 3)`: (x, y) in the other image and the mask, in (0, 1).
+    """
+    deterministic = not train
+    batch, h_a, w_a, _ = feat_a.shape
+    _, h_b, w_b, _ = feat_b.shape
+    feat_proj = nn.Dense(self.d_model, name='feat_proj')
+    # Dropout2d: whole channels of each sample.
+    drop_feat = nn.Dropout(self.drop_feat, broadcast_dims=(1, 2))
+    x_a = drop_feat(feat_proj(feat_a), deterministic=deterministic).reshape(batch, h_a * w_a, self.d_model)
+    x_b = drop_feat(feat_proj(feat_b), deterministic=deterministic).reshape(batch, h_b * w_b, self.d_model)
+    pad_a = None if pad_a is None else pad_a.reshape(batch, h_a * w_a)
+    pad_b = None if pad_b is None else pad_b.reshape(batch, h_b * w_b)
+    pos_a = sine_position_encoding(h_a, w_a, self.d_model).reshape(1, h_a * w_a, self.d_model)
+    pos_b = sine_position_encoding(h_b, w_b, self.d_model).reshape(1, h_b * w_b, self.d_model)
+
+    for i, pair in enumerate(parse_block_types(self.block_types)):
+      layers = {}
+      for letter in pair:
+        if letter == 'N':
+          continue
+        if letter not in layers:
+          name = f'block{i}_{"inner" if letter == "I" else "cross"}'
+          layers[letter] = EncoderLayer(self.d_model, self.num_heads, self.dim_feedforward, self.dropout,
+                                        cross=(letter == 'C'), name=name)
+        if letter == 'I':
+          x_a = self.feat_weight * x_a + self.pos_weight * pos_a
+          x_b = self.feat_weight * x_b + self.pos_weight * pos_b
+        x_a, x_b = layers[letter](x_a, x_b, pad_a, pad_b, deterministic)
+
+    head = nn.Dense(3, name='final_linear')
+    out_a = jnp.clip(jax.nn.sigmoid(head(x_a)), OUTPUT_EPS, 1 - OUTPUT_EPS)
+    out_b = jnp.clip(jax.nn.sigmoid(head(x_b)), OUTPUT_EPS, 1 - OUTPUT_EPS)
+    return out_a.reshape(batch, h_a, w_a, 3), out_b.reshape(batch, h_b, w_b, 3)
+
+
+def build_transformer(config: ml_collections.ConfigDict) -> CrossTransformer:
+  return CrossTransformer(
+      d_model=config.d_model, num_heads=config.num_heads, dim_feedforward=config.dim_feedforward,
+      block_types=config.block_types, dropout=config.dropout, drop_feat=config.drop_feat,
+      pos_weight=config.pos_weight, feat_weight=config.feat_weight)
+
+
+def init_params(config: ml_collections.ConfigDict, rng: jax.Array,
+                feature_shape: Sequence[int] = (4, 4)) -> dict:
+  """Random parameters `{'backbone': {'params', 'batch_stats'}, 'transformer': {'params'}}`."""
+  rng_backbone, rng_transformer = jax.random.split(rng)
+  h, w = feature_shape
+  images = jnp.zeros((1, h * FEATURE_STRIDE, w * FEATURE_STRIDE, 3), jnp.float32)
+  features = jnp.zeros((1, h, w, config.feature_dim), jnp.float32)
+  backbone_vars = build_backbone(config).init(rng_backbone, images)
+  transformer_vars = build_transformer(config).init(rng_transformer, features, features)
+  return {'backbone': dict(backbone_vars), 'transformer': dict(transformer_vars)}
