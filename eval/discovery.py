@@ -600,13 +600,21 @@ def build_graph(pair_set: PairSet, sigma: float, top_k: int = TOP_K, conf_thresh
   return nodes, matrix
 
 
-def _pattern(nodes: Nodes, members: np.ndarray, values: np.ndarray, energy: float, num_images: int) -> Pattern:
+def _pattern(nodes: Nodes, members: np.ndarray, values: np.ndarray, energy: float, num_images: int,
+             min_image_strength: float = 0.0) -> Pattern:
+  """A pattern from its nodes and values: per-image maps of the positive values, images by strength.
+
+  An image's strength is the sum of its map; images weaker than `min_image_strength` x the strongest
+  are left out (their maps zeroed): a few stray correspondences do not make an instance.
+  """
   positive = np.maximum(values, 0.0)
   full = np.zeros(len(nodes))
   full[members] = positive
   maps = image_maps(nodes, full, num_images)
   strength = maps.reshape(num_images, -1).sum(axis=1)
-  images = np.flatnonzero(strength > 0)
+  keep = (strength > 0) & (strength >= min_image_strength * strength.max(initial=0.0))
+  maps[~keep] = 0.0
+  images = np.flatnonzero(keep)
   images = images[np.argsort(-strength[images], kind='stable')]
   return Pattern(members, positive, energy, maps, images)
 
@@ -689,12 +697,13 @@ def discover_patterns(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
                       conf_threshold: float = CONF_THRESHOLD, two_cycle: bool = False,
                       three_cycle: bool = True, min_weight: float = MIN_WEIGHT, max_patterns: int = 10,
                       max_conductance: float = 0.1, min_nodes: int = 4,
-                      min_relative_energy: float = 0.05) -> Discovery:
+                      min_relative_energy: float = 0.05, min_image_strength: float = 0.1) -> Discovery:
   """Several patterns per collection, on the reference graph (ours).
 
   Groups from `split_patterns`; within each group the node values are the group's own leading
   eigenvector (the reference's weighting, signed by its rule, negatives clipped), so one pattern's map
-  is never cancelled by another's. Patterns whose energy u^T A u (average affinity per node) is below
+  is never cancelled by another's; images holding less than `min_image_strength` of the pattern's
+  strongest image's map mass are not instances. Patterns whose energy u^T A u (average affinity per node) is below
   `min_relative_energy` x the best are dropped; the rest are ranked by the number of images they
   appear in, then by energy, and at most `max_patterns` are kept. `maps` (used for co-segmentation)
   are the first pattern's.
@@ -705,7 +714,7 @@ def discover_patterns(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
     sub = matrix[members][:, members]
     values = leading_eigenvector(sub)
     energy = float(np.asarray(sub.sum()) / len(members))
-    patterns.append(_pattern(nodes, members, values, energy, pair_set.num_images))
+    patterns.append(_pattern(nodes, members, values, energy, pair_set.num_images, min_image_strength))
   if patterns:
     best = max(p.energy for p in patterns)
     patterns = [p for p in patterns if p.energy >= min_relative_energy * best and len(p.images) >= 2]
