@@ -181,11 +181,12 @@ def extract_nodes(pair_set: PairSet, used: np.ndarray, conf_threshold: float = C
 
   Per used pair, the side with more cells whose mask exceeds `conf_threshold` (ties: side j) gives the
   nodes: its confident cells with their rounded predicted cell in the other image; a pair with no
-  confident cell on either side gives none. Within a pair, nodes are de-duplicated on (x1, y1, x2, y2):
-  a node keeps the position of its first occurrence (row-major over the source cells) and the mask
-  value of its last, as the reference's dict does.
+  confident cell on either side gives none. Nodes of a pair are in row-major order of their source
+  cells. (The reference de-duplicates nodes on (x1, y1, x2, y2) with a dict; since the source cell is
+  part of that key and every source cell yields one node, no two nodes of a pair ever share it, so the
+  de-duplication never merges anything and is not repeated here.)
   """
-  h, w = pair_set.grid if len(pair_set.pairs) else (0, 0)
+  h, w = pair_set.grid
   empty = Nodes(np.zeros((0, 4), np.int64), np.zeros(0, np.float32), np.zeros((0, 4), np.int64),
                 np.zeros(0, np.int64), (h, w))
   ids = np.flatnonzero(used)
@@ -216,14 +217,6 @@ def extract_nodes(pair_set: PairSet, used: np.ndarray, conf_threshold: float = C
   # Pair-id order, row-major over the source cells within a pair.
   order = np.lexsort((source_cell, pair))
   pair, cells, conf = pair[order], cells[order], conf[order]
-  key = (((pair * h + cells[:, 1]) * w + cells[:, 0]) * h + cells[:, 3]) * w + cells[:, 2]
-  _, first = np.unique(key, return_index=True)
-  _, last_rev = np.unique(key[::-1], return_index=True)
-  last = len(key) - 1 - last_rev  # aligned with `first`: both follow the sorted unique keys
-  keep_order = np.argsort(first, kind='stable')
-  cells = cells[first[keep_order]]
-  conf = conf[last[keep_order]]
-  pair = pair[first[keep_order]]
   block_pair, start, counts = np.unique(pair, return_index=True, return_counts=True)
   blocks = np.stack([pair_set.pairs[block_pair, 0], pair_set.pairs[block_pair, 1], start, start + counts],
                     axis=1).astype(np.int64)
@@ -660,7 +653,7 @@ def fiedler_cut(matrix: scipy.sparse.csr_matrix):
   return side, float(conductance[best])
 
 
-def split_patterns(matrix: scipy.sparse.csr_matrix, max_conductance: float = 0.1, min_nodes: int = 4):
+def split_patterns(matrix: scipy.sparse.csr_matrix, max_conductance: float = 0.05, min_nodes: int = 4):
   """Node groups of a sparse affinity: connected components, split by recursive spectral bisection.
 
   A piece is split along its best Fiedler sweep cut while that cut's conductance (the fraction of the
@@ -696,7 +689,7 @@ def split_patterns(matrix: scipy.sparse.csr_matrix, max_conductance: float = 0.1
 def discover_patterns(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
                       conf_threshold: float = CONF_THRESHOLD, two_cycle: bool = False,
                       three_cycle: bool = True, min_weight: float = MIN_WEIGHT, max_patterns: int = 10,
-                      max_conductance: float = 0.1, min_nodes: int = 4,
+                      max_conductance: float = 0.05, min_nodes: int = 4,
                       min_relative_energy: float = 0.05, min_image_strength: float = 0.1) -> Discovery:
   """Several patterns per collection, on the reference graph (ours).
 

@@ -175,19 +175,31 @@ def binary_cell_maps(maps: np.ndarray, fg_threshold: float = discovery.FG_THRESH
   return (maps > fg_threshold * peak) & (peak > 0)
 
 
-def group_recovery(collection: PlantedCollection, patterns: Sequence[discovery.Pattern]) -> List[float]:
-  """Per planted group: the best mean cell IoU of any one pattern over the group's images.
+def grabcut_masks(collection: PlantedCollection):
+  """A `binarize` for `group_recovery`: per-image maps -> pixel masks with `discovery.soft_to_binary`."""
+  def binarize(maps):
+    return np.stack([discovery.soft_to_binary(m, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+                     for m, image in zip(maps, collection.images)])
+  return binarize
 
-  A pattern's mask in an image = its cells above 0.6 x that image's max of the pattern's map.
+
+def group_recovery(collection: PlantedCollection, patterns: Sequence[discovery.Pattern],
+                   binarize=binary_cell_maps) -> List[float]:
+  """Per planted group: the best mean IoU of any one pattern over the group's images.
+
+  Args:
+    binarize: per-image maps `(N, h, w)` -> bool masks, either at cell resolution `(N, h, w)` (default:
+      0.6 x each image's max) or at pixel resolution `(N, S, S)` (e.g. `grabcut_masks(collection)`).
   """
   recovered = []
+  binary = [binarize(pattern.maps) for pattern in patterns]
   for g, group in enumerate(collection.groups):
     members = sorted(group)
-    truth = collection.cell_masks([g])[members]
     best = 0.0
-    for pattern in patterns:
-      pred = binary_cell_maps(pattern.maps)[members]
-      best = max(best, float(np.mean([iou(a, b) for a, b in zip(pred, truth)])))
+    for pred in binary:
+      truth = (collection.cell_masks([g]) if pred.shape[1:] == collection.grid
+               else collection.pixel_masks([g]))
+      best = max(best, float(np.mean([iou(pred[i], truth[i]) for i in members])))
     recovered.append(best)
   return recovered
 
