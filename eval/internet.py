@@ -197,7 +197,8 @@ def check_classes(data_dir: str, classes: Sequence[str], methods: Sequence[str],
 def evaluate(model, data_dir: str, classes: Sequence[str] = CLASSES, methods: Sequence[str] = ('reference',),
              sigmas: Sequence = ('reference', DEFAULT_SIGMA), flip: str = 'reference', denormalize: bool = False,
              cache_dir: Optional[str] = None, batch_size: int = 32, grabcut: bool = True,
-             two_cycle: bool = False, checkpoint: str = '', pair_sets: Optional[Dict[str, object]] = None) -> dict:
+             two_cycle: bool = False, checkpoint: str = '', pair_sets: Optional[Dict[str, object]] = None,
+             image_size: int = IMAGE_SIZE) -> dict:
   """Pairs per class (cached), then every (method, sigma) row; returns the JSON-ready results.
 
   `pair_sets` (class name -> PairSet) skips the model entirely (used by tests and re-analyses).
@@ -209,7 +210,7 @@ def evaluate(model, data_dir: str, classes: Sequence[str] = CLASSES, methods: Se
     if name not in pair_sets:
       start = time.perf_counter()
       pair_sets[name] = class_pairs(model, path, os.path.join(cache_dir, name) if cache_dir else None, flip,
-                                    denormalize, batch_size, checkpoint=checkpoint)
+                                    denormalize, batch_size, image_size, checkpoint=checkpoint)
       timings[name] = time.perf_counter() - start
   rows = []
   for method in methods:
@@ -223,7 +224,7 @@ def evaluate(model, data_dir: str, classes: Sequence[str] = CLASSES, methods: Se
                    'average': {'P': float(np.mean([r['P'] for r in per_class.values()])),
                                'J': float(np.mean(js)) if js else None}})
   return {'settings': {'checkpoint': checkpoint, 'data_dir': data_dir, 'classes': list(class_dirs),
-                       'flip': flip, 'denormalize': denormalize, 'image_size': IMAGE_SIZE, 'grabcut': grabcut,
+                       'flip': flip, 'denormalize': denormalize, 'image_size': image_size, 'grabcut': grabcut,
                        'two_cycle': two_cycle},
           'pair_seconds': timings, 'rows': rows, 'paper': PAPER,
           'table': format_table(rows, list(class_dirs))}
@@ -262,6 +263,8 @@ def main(argv=None) -> int:
   parser.add_argument('--two_cycle', action='store_true', help='add 2-cycle edges (off in the official runs)')
   parser.add_argument('--no_grabcut', action='store_true', help='threshold the maps without GrabCut')
   parser.add_argument('--batch_size', type=int, default=32, help='pairs per device batch (default 32)')
+  parser.add_argument('--image_size', type=int, default=IMAGE_SIZE,
+                      help=f'square model input size, a multiple of 16 (default {IMAGE_SIZE}, the paper\'s)')
   parser.add_argument('--cache_dir', default=None,
                       help='pair-output cache (default: <out>.pairs/ next to --out); reruns resume')
   parser.add_argument('--out', default='internet_results.json', help='results JSON')
@@ -274,7 +277,7 @@ def main(argv=None) -> int:
       model = inference.SegSwap.load(args.checkpoint)
       results = evaluate(model, args.data_dir, args.classes, args.method, args.sigma, args.flip,
                          args.denormalize, cache_dir, args.batch_size, not args.no_grabcut, args.two_cycle,
-                         checkpoint=os.path.abspath(args.checkpoint))
+                         checkpoint=os.path.abspath(args.checkpoint), image_size=args.image_size)
     except (checkpoints.CheckpointError, collection.CollectionError, inference.ImageError) as e:
       raise DataError(str(e)) from e
   except (DataError, discovery.DiscoveryError) as e:

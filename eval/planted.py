@@ -223,3 +223,22 @@ def chance_iou(collection: PlantedCollection, groups: Optional[Sequence[int]] = 
         guess[row:row + p, col:col + p] = True
       values.append(iou(guess, truth[image]))
   return float(np.mean(values))
+
+
+def write_class_folder(collection: PlantedCollection, class_dir: str, ground_truth: bool = True,
+                       prefix: str = 'img') -> List[str]:
+  """Writes the images as `<prefix>_NN.jpg` (and, for the Internet layout, `GroundTruth/<name>.png` masks
+  of all planted patches, 0/255). Returns the image names."""
+  os.makedirs(class_dir, exist_ok=True)
+  masks = collection.pixel_masks()
+  names = []
+  for index, image in enumerate(collection.images):
+    name = f'{prefix}_{index:02d}.jpg'
+    cv2.imwrite(os.path.join(class_dir, name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_JPEG_QUALITY, 95])
+    if ground_truth:
+      os.makedirs(os.path.join(class_dir, 'GroundTruth'), exist_ok=True)
+      cv2.imwrite(os.path.join(class_dir, 'GroundTruth', name.replace('.jpg', '.png')),
+                  masks[index].astype(np.uint8) * 255)
+    names.append(name)
+  return names
