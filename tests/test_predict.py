@@ -65,6 +65,7 @@ def test_user_errors_give_one_line_and_nonzero_exit(checkpoint, tmp_path):
       (['--checkpoint', checkpoint, '--query', str(corrupt), '--targets', good], 'broken.jpg'),
       (['--checkpoint', checkpoint, '--query', good, '--targets', str(tmp_path / 'nope.png')], 'nope.png'),
       (['--checkpoint', str(not_ckpt), '--query', good, '--targets', good], 'not a segswap-jax checkpoint'),
+      (['--checkpoint', good, '--query', good, '--targets', good], 'not a checkpoint directory'),
       (['--checkpoint', checkpoint, '--query', good, '--targets', good, '--image-size', '50', '64'], 'multiples of 16'),
   ]
   for args, expected in cases:
