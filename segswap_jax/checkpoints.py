@@ -48,6 +48,9 @@ def save_model(directory: str, params: dict, config: ml_collections.ConfigDict,
 def load_config(directory: str) -> Tuple[ml_collections.ConfigDict, dict]:
   """Reads the model config and metadata of a checkpoint directory."""
   path = os.path.join(directory, CONFIG_FILE)
+  if os.path.isfile(directory):
+    raise CheckpointError(f'{directory}: a file, not a checkpoint directory; convert PyTorch .pth files '
+                          'with `python -m segswap_jax.convert`')
   if not os.path.isdir(directory):
     raise CheckpointError(f'{directory}: no such checkpoint directory')
   if not os.path.isfile(path):

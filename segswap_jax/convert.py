@@ -2,6 +2,7 @@
 
   python -m segswap_jax.convert --torch-checkpoint hard_mining_neg5.pth --out checkpoints/segswap_official
   python -m segswap_jax.convert --torch-checkpoint moco_v2_800ep_pretrain.pth.tar --out checkpoints/moco_init
+  python -m segswap_jax.convert --random-init --seed 0 --out checkpoints/random
 
 Sources:
   (a) an official SegSwap checkpoint: a dict with `backbone` (state dict of the reference nn.Sequential:
@@ -234,7 +235,10 @@ def main(argv=None) -> int:
       epilog='example: python -m segswap_jax.convert --torch-checkpoint hard_mining_neg5.pth '
              '--out checkpoints/segswap_official',
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--torch-checkpoint', required=True, help='.pth / .pth.tar file')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--torch-checkpoint', help='.pth / .pth.tar file')
+  source.add_argument('--random-init', action='store_true',
+                      help='no source: random weights from --seed (for trying the tools end to end)')
   parser.add_argument('--out', required=True, help='output directory (must not exist or be empty)')
   parser.add_argument('--size', default='small', choices=sorted(model_lib.TRANSFORMER_SIZES))
   parser.add_argument('--block-types', default=None, help="e.g. 'I C I C I N' (default for the size)")
@@ -242,6 +246,11 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     config = model_lib.model_config(args.size, args.block_types)
+    if args.random_init:
+      params = jax.tree.map(np.asarray, model_lib.init_params(config, jax.random.key(args.seed)))
+      checkpoints.save_model(args.out, params, config, metadata={'random_init_seed': args.seed})
+      print(f'wrote randomly initialised {config.size} model (seed {args.seed}) -> {args.out}')
+      return 0
     report = convert_file(args.torch_checkpoint, args.out, config, args.seed)
   except (ConversionError, checkpoints.CheckpointError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from typing import NamedTuple, Optional, Sequence, Tuple
 
-import cv2
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import PIL.Image
 
 from segswap_jax import checkpoints
 from segswap_jax import model as model_lib
@@ -46,28 +46,30 @@ def check_image_size(height: int, width: int) -> None:
 def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
   """Resizes uint8 `(H, W, 3)` to `size` = (height, width); untouched when already that size.
 
-  Shrinking uses area averaging (close to PIL's antialiased bilinear that the reference uses), enlarging
-  bilinear interpolation.
+  PIL bilinear (antialiased when shrinking): what the reference's torchvision `Resize` does on PIL images.
   """
   height, width = size
   if image.shape[:2] == (height, width):
     return image
-  shrinking = height * width < image.shape[0] * image.shape[1]
-  return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+  return np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.BILINEAR))
 
 
 def load_image(path: str, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
-  """Reads an image file as RGB uint8 `(H, W, 3)`, resized to `size` = (height, width) if given."""
-  if not os.path.isfile(path):
-    raise ImageError(f'{path}: no such image file')
-  image = cv2.imread(path, cv2.IMREAD_COLOR)
-  if image is None:
-    raise ImageError(f'{path}: unreadable or corrupt image')
-  image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+  """Reads an image file as RGB uint8 `(H, W, 3)`, resized to `size` = (height, width) if given.
+
+  Truncated or corrupt files raise `ImageError` (PIL decodes fully and fails loudly, where OpenCV would
+  return a partly grey image).
+  """
   if size is not None:
     check_image_size(*size)
-    image = resize_image(image, size)
-  return image
+  if not os.path.isfile(path):
+    raise ImageError(f'{path}: no such image file')
+  try:
+    with PIL.Image.open(path) as opened:
+      image = np.asarray(opened.convert('RGB'))
+  except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
+    raise ImageError(f'{path}: unreadable or corrupt image ({type(e).__name__})') from e
+  return image if size is None else resize_image(image, size)
 
 
 class SegSwap:
