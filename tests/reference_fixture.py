@@ -3,8 +3,22 @@ import os
 
 import numpy as np
 
-FIXTURE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'fixtures',
-                            'official_forward_seed7.npz')
+FIXTURE_NAME = os.path.join('shared', 'fixtures', 'official_forward_seed7.npz')
+
+
+def _find_fixture() -> str:
+  """`$SEGSWAP_FIXTURE`, else `shared/fixtures/...` in the nearest parent of the repo (CI: `../shared`)."""
+  if os.environ.get('SEGSWAP_FIXTURE'):
+    return os.environ['SEGSWAP_FIXTURE']
+  directory = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  while True:
+    parent = os.path.dirname(directory)
+    if os.path.isfile(os.path.join(parent, FIXTURE_NAME)) or parent == directory:
+      return os.path.join(parent, FIXTURE_NAME)
+    directory = parent
+
+
+FIXTURE_PATH = _find_fixture()
 
 
 def load_fixture(path: str = FIXTURE_PATH) -> dict:

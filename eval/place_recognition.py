@@ -1,0 +1,207 @@
+"""Re-ranking a baseline's top-K for place recognition (Tokyo 24/7, Pitts30k), SPEC §4, REFERENCE_EVAL §1-2.
+
+Pipeline: baseline ranking -> database features of every candidate in anyone's top-K, cached on disk
+once -> per query (queries spread over processes): query features, self-pair mask, all K candidates
+scored in sharded batches -> process 0 gathers the scores, re-sorts each top-K by score (positions past K
+keep the baseline order), and reports Recall@N for the baseline and the re-ranked order, with and
+without the spatial NMS where the benchmark has one; rankings and the table go to JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from eval import batched_scoring, feature_cache, images, place_formats, resumable, retrieval
+from eval.retrieval import DataError
+from segswap_jax import checkpoints
+
+IMAGE_SIZE_WH = (640, 480)  # the reference's (width, height): 40 x 30 cells
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a benchmark's files are, relative to --data_dir, and how it is scored."""
+  name: str
+  npy_files: Dict[str, str]  # item -> file name (place_formats.ITEMS)
+  mat_file: str
+  ranking_file: str
+  qry_subdir: str
+  db_subdir: str
+  nms_group: Optional[int]  # None: no spatial NMS
+
+
+@dataclasses.dataclass
+class Settings:
+  topk: int = 100
+  batch_size: int = 32
+  denormalize_candidates: bool = False
+  dist_threshold: float = 25.0
+  recall_ns: Sequence[int] = retrieval.RECALL_NS
+  cache_dir: str = 'feature_cache'
+  cache_dtype: str = 'float16'
+  num_queries: Optional[int] = None  # evaluate only the first N queries (quick checks)
+  image_size_wh: Sequence[int] = IMAGE_SIZE_WH
+
+
+def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline_source: str,
+             params: Dict, config, settings: Settings, nms_group: Optional[int],
+             work_dir: str) -> Optional[Dict]:
+  """Re-ranks and scores; returns the results dict on process 0 (None elsewhere).
+
+  Args:
+    dataset: lists, positions and image folders.
+    baseline: the baseline file's array (score or index matrix; see `retrieval.baseline_ranking`).
+    baseline_source: its path, for messages.
+    params, config: the model.
+    settings: evaluation settings.
+    nms_group: database images per place for the spatial NMS (Tokyo: 12), or None.
+    work_dir: folder for resumable per-query results.
+  """
+  max_n = max(settings.recall_ns)
+  depth = max(settings.topk, max_n, (nms_group or 1) * max_n)
+  if baseline.ndim == 2 and baseline.shape[0] != dataset.num_queries:
+    raise DataError(f'{baseline_source} has {baseline.shape[0]} rows but {dataset.sources["qry_list"]} lists '
+                    f'{dataset.num_queries} queries')
+  ranking = retrieval.baseline_ranking(baseline, dataset.num_db, depth, baseline_source)
+  num_queries = dataset.num_queries if settings.num_queries is None else min(settings.num_queries,
+                                                                             dataset.num_queries)
+  ranking = ranking[:num_queries]
+  topk = min(settings.topk, ranking.shape[1])
+  candidates = ranking[:, :topk]
+
+  batch_size = batched_scoring.balanced_batch_size(topk, settings.batch_size, jax.local_device_count())
+  scorer = batched_scoring.CandidateScorer(params, config, batch_size)
+  size_wh = tuple(settings.image_size_wh)
+  width, height = size_wh
+  normalization = 'denormalized' if settings.denormalize_candidates else 'imagenet'
+  cache = feature_cache.model_feature_cache(settings.cache_dir, params['backbone'], (height, width),
+                                            normalization, settings.cache_dtype, config.feature_dim)
+  db_names = [dataset.db_names[i] for i in np.unique(candidates)]
+  load_db = lambda name: images.load_resized(images.resolve(name, [dataset.db_dir]), size_wh)
+  start = time.time()
+  computed = cache.fill(db_names, load_db,
+                        lambda batch: scorer.features(batch, settings.denormalize_candidates),
+                        scorer.batch_size, jax.process_index(), jax.process_count(), batched_scoring.barrier)
+  cache_s = time.time() - start
+
+  local = batched_scoring.query_shard(num_queries)
+  key = {'dataset': dataset.sources, 'baseline': baseline_source, 'topk': topk, 'num_queries': num_queries,
+         'cache': cache.meta}
+  progress = resumable.QueryProgress(work_dir, jax.process_index(), {'scores': ((topk,), 'float32')},
+                                     len(local), key)
+  start = time.time()
+  scored = 0
+  for i in tqdm(range(len(local)), desc='queries', disable=jax.process_index() != 0,
+                initial=int(progress.done.sum())):
+    if progress.done[i]:
+      continue
+    q = local[i]
+    query = images.load_resized(images.resolve(dataset.qry_names[q], [dataset.qry_dir]), size_wh)
+    feat_q = scorer.features(query[None])[0]
+    rows = cache.rows([dataset.db_names[j] for j in candidates[q]])
+    result = scorer.score(feat_q, topk, lambda positions: cache.read(rows[positions]))
+    progress.set(i, scores=result['score'])
+    scored += topk
+  progress.flush()
+  score_s = time.time() - start
+  scores = batched_scoring.gather_rows(progress.arrays['scores'], num_queries)
+  if jax.process_index() != 0:
+    return None
+
+  reranked = retrieval.rerank(ranking, scores)
+  variants = {'baseline': ranking, 're-ranked': reranked}
+  if nms_group:
+    variants['baseline + NMS'] = retrieval.spatial_nms(ranking, nms_group)
+    variants['re-ranked + NMS'] = retrieval.spatial_nms(reranked, nms_group)
+  qry_utm = dataset.qry_utm[:num_queries]
+  recalls = {name: retrieval.recall_at_n(r, qry_utm, dataset.db_utm, settings.recall_ns,
+                                         settings.dist_threshold) for name, r in variants.items()}
+  return {
+      'settings': dict(dataclasses.asdict(settings), topk=topk, image_size_wh=list(size_wh),
+                       nms_group=nms_group, num_queries=num_queries),
+      'sources': dict(dataset.sources, baseline=baseline_source, qry_dir=dataset.qry_dir,
+                      db_dir=dataset.db_dir, feature_cache=cache.directory),
+      'recall': {name: {str(n): v for n, v in rec.items()} for name, rec in recalls.items()},
+      'table': retrieval.recall_table(recalls),
+      'timing': {'cache_fill_s': cache_s, 'db_images_computed': computed, 'scoring_s': score_s,
+                 'candidates_scored': scored * jax.process_count(),
+                 'candidates_per_s': scored / score_s if scored and score_s > 0 else None,
+                 'batch_per_call': scorer.batch_size, 'devices_per_process': len(scorer.devices),
+                 'processes': jax.process_count()},
+      'queries': [{'name': dataset.qry_names[q],
+                   'baseline': ranking[q, :topk].tolist(),
+                   'reranked': reranked[q, :topk].tolist(),
+                   'scores': [round(float(s), 6) for s in scores[q]]} for q in range(num_queries)],
+  }
+
+
+def build_parser(layout: Layout, description: str) -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--checkpoint', required=True, help='segswap-jax model checkpoint directory')
+  parser.add_argument('--data_dir', required=True, help='dataset root (see docs/retrieval.md for the layout)')
+  parser.add_argument('--topk', type=int, default=100, help='baseline candidates re-ranked per query')
+  parser.add_argument('--batch_size', type=int, default=32, help='candidates per device batch (all devices)')
+  parser.add_argument('--out', default=f'{layout.name}_results.json', help='results JSON')
+  parser.add_argument('--denormalize_candidates', action='store_true',
+                      help='feed candidates as x*std+mean like the released loader (REFERENCE_EVAL §0)')
+  parser.add_argument('--source', choices=('auto', 'npy', 'mat'), default='auto',
+                      help='lists/positions from the .npy files, the dbStruct .mat, or each from whichever exists')
+  parser.add_argument('--lists_dir', default=None, help=f'folder of the .npy lists (default: --data_dir)')
+  parser.add_argument('--mat', default=None, help=f'dbStruct .mat (default: DATA_DIR/{layout.mat_file})')
+  parser.add_argument('--ranking', default=None,
+                      help=f'baseline scores / indices (default: LISTS_DIR/{layout.ranking_file})')
+  parser.add_argument('--qry_dir', default=None, help=f'query images (default: DATA_DIR/{layout.qry_subdir})')
+  parser.add_argument('--db_dir', default=None, help=f'database images (default: DATA_DIR/{layout.db_subdir})')
+  parser.add_argument('--dist_threshold', type=float, default=25.0, help='metres for a correct match')
+  parser.add_argument('--cache_dir', default=None, help='feature cache root (default: OUT_dir/feature_cache)')
+  parser.add_argument('--cache_dtype', choices=('float16', 'float32'), default='float16')
+  parser.add_argument('--num_queries', type=int, default=None, help='only the first N queries (quick check)')
+  parser.add_argument('--image_size', type=int, nargs=2, default=list(IMAGE_SIZE_WH), metavar=('W', 'H'),
+                      help='input size of queries and candidates (the reference: 640 480; multiples of 16)')
+  parser.add_argument('--coordinator_address', default=None, help='multi-host: HOST:PORT of process 0')
+  parser.add_argument('--num_processes', type=int, default=1, help='multi-host: number of processes')
+  parser.add_argument('--process_id', type=int, default=0, help='multi-host: this process')
+  return parser
+
+
+def run_cli(layout: Layout, description: str, argv: Optional[List[str]] = None) -> int:
+  """Parses flags, runs `evaluate`, prints the table, writes the JSON (process 0). Returns the exit code."""
+  args = build_parser(layout, description).parse_args(argv)
+  try:
+    batched_scoring.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    lists_dir = args.lists_dir or args.data_dir
+    dataset = place_formats.load_place_dataset(
+        {item: os.path.join(lists_dir, name) for item, name in layout.npy_files.items()},
+        args.mat or os.path.join(args.data_dir, layout.mat_file),
+        args.qry_dir or os.path.join(args.data_dir, layout.qry_subdir),
+        args.db_dir or os.path.join(args.data_dir, layout.db_subdir), args.source)
+    ranking_path = args.ranking or os.path.join(lists_dir, layout.ranking_file)
+    baseline = retrieval.load_npy(ranking_path, 'baseline ranking', mmap=True)
+    params, config = checkpoints.load_model(args.checkpoint)
+    settings = Settings(topk=args.topk, batch_size=args.batch_size,
+                        denormalize_candidates=args.denormalize_candidates, dist_threshold=args.dist_threshold,
+                        cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                                                 'feature_cache'),
+                        cache_dtype=args.cache_dtype, num_queries=args.num_queries,
+                        image_size_wh=tuple(args.image_size))
+    results = evaluate(dataset, baseline, ranking_path, params, config, settings, layout.nms_group,
+                       work_dir=args.out + '.partial')
+  except (DataError, checkpoints.CheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if results is not None:
+    results = dict({'dataset': layout.name, 'checkpoint': os.path.abspath(args.checkpoint)}, **results)
+    retrieval.write_json(args.out, results)
+    shutil.rmtree(args.out + '.partial', ignore_errors=True)  # finished: nothing left to resume
+    print(results['table'])
+    print(f'wrote {args.out}')
+  return 0
