@@ -8,11 +8,12 @@ Host-side numpy + scipy.sparse; the node x node affinity is only ever held spars
   leading eigenvector (`eigsh(k=1, v0=ones)`) with the reference's sign rule; per-image 30x30 maps in
   the 'sum' mode (a repeated cell within one pair keeps the last value); then `soft_to_binary` (bilinear
   upsample, 0.6 * max, GrabCut).
-* `patterns` (ours): several patterns per collection. The same graph is cut into groups: connected
-  components, split recursively along the best conductance sweep cut of the Fiedler vector while that
-  cut is weak; each group's node values are its own leading eigenvector (the reference's weighting).
-  Per-image maps are built from each pattern's nodes alone, with positive values only, so one pattern's
-  map is never cancelled by another's.
+* `patterns` (ours): several patterns per collection. The same graph is cut into groups
+  (`eval.graph_clusters`: connected components, split recursively along the best conductance sweep
+  cut of the Fiedler vector while that cut is weak, pieces lying together in the images merged back);
+  each group's node values are its own leading eigenvector (the reference's weighting). Per-image maps
+  are built from each pattern's nodes alone, with positive values only, so one pattern's map is never
+  cancelled by another's.
 
 Shapes: pair outputs `(K, h, w, 3)` = (x, y, mask) as the model returns them (x, y in [0, 1] of the other
 image); cells are integer (column, row) = (x, y) of an h x w grid; node cells `(N, 4)` = (x1, y1, x2, y2)
@@ -21,14 +22,14 @@ with (x1, y1) in the pair's first image i and (x2, y2) in its second image j (i 
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import List
 
 import cv2
 import numpy as np
 import scipy.sparse
-import scipy.sparse.csgraph
 import scipy.sparse.linalg
 
+from eval import graph_clusters
 from segswap_jax import geometry
 
 # Reference defaults (REFERENCE_EVAL §4 step B).
@@ -41,8 +42,6 @@ GRABCUT_ITERATIONS = 5
 SPACE_LOG = 1.1
 # A pair is kept when its best directed score exceeds 1% of the cells (9 at 30 x 30).
 KEEP_FRACTION = 0.01
-# Entries of the affinity are computed in chunks of at most this many (node, node) candidates.
-_CHUNK_ENTRIES = 1 << 22
 
 
 class DiscoveryError(ValueError):
@@ -227,50 +226,34 @@ def extract_nodes(pair_set: PairSet, used: np.ndarray, conf_threshold: float = C
 # Affinity.
 # ----------------------------------------------------------------------------------------------------
 
-def _kernel(distance, sigma):
-  return np.exp(-distance / sigma)
+def _kernel_table(sigma: float, grid) -> np.ndarray:
+  """k(d) = exp(-d / sigma) for every squared cell distance d^2 of the grid: index by dx^2 + dy^2.
+
+  Cells are integers, so the kernel of a distance is one table look-up (float64, the value the
+  reference computes per entry).
+  """
+  h, w = grid
+  return np.exp(-np.sqrt(np.arange((h - 1) ** 2 + (w - 1) ** 2 + 1, dtype=np.float64)) / sigma)
 
 
-def _norm(delta):
-  return np.sqrt(np.sum(np.square(delta, dtype=np.float64), axis=-1))
-
-
-def _expand_blocks(sizes_1: np.ndarray, sizes_2: np.ndarray):
-  """For blocks of n1 x n2 entries: per entry its block, row and column (row-major within a block)."""
-  per_block = sizes_1 * sizes_2
-  block = np.repeat(np.arange(len(per_block)), per_block)
-  offset = np.arange(per_block.sum()) - np.repeat(np.cumsum(per_block) - per_block, per_block)
-  row = offset // sizes_2[block]
-  col = offset - row * sizes_2[block]
-  return block, row, col
-
-
-def _chunks(entries_per_item: np.ndarray, limit: int = _CHUNK_ENTRIES):
-  """Splits items into consecutive runs of at most `limit` entries (an item larger alone gets its own)."""
-  bounds = [0]
-  total = 0
-  for index, size in enumerate(entries_per_item):
-    if total and total + size > limit:
-      bounds.append(index)
-      total = 0
-    total += size
-  bounds.append(len(entries_per_item))
-  return list(zip(bounds[:-1], bounds[1:]))
+def _squared_distances(cells_1: np.ndarray, cells_2: np.ndarray) -> np.ndarray:
+  """`(n1, 2)`, `(n2, 2)` int cells -> `(n1, n2)` squared distances."""
+  dx = cells_1[:, None, 0] - cells_2[None, :, 0]
+  dy = cells_1[:, None, 1] - cells_2[None, :, 1]
+  return dx * dx + dy * dy
 
 
 def _two_cycle_entries(nodes: Nodes, sigma: float, min_weight: float):
   """Within-pair edges: exp(-(d_i + d_j) / 2 / sigma) * conf_a * conf_b, diagonal included."""
-  sizes = nodes.blocks[:, 3] - nodes.blocks[:, 2]
-  starts = nodes.blocks[:, 2]
+  root = np.sqrt(np.arange((nodes.grid[0] - 1) ** 2 + (nodes.grid[1] - 1) ** 2 + 1, dtype=np.float64))
+  cells = nodes.cells.astype(np.int32)
   out = []
-  for lo, hi in _chunks(sizes * sizes):
-    block, row, col = _expand_blocks(sizes[lo:hi], sizes[lo:hi])
-    a = starts[lo:hi][block] + row
-    b = starts[lo:hi][block] + col
-    distance = _norm(nodes.cells[a, :2] - nodes.cells[b, :2]) + _norm(nodes.cells[a, 2:] - nodes.cells[b, 2:])
-    weight = _kernel(distance / 2, sigma) * nodes.conf[a] * nodes.conf[b]
-    keep = weight > min_weight
-    out.append((a[keep], b[keep], weight[keep]))
+  for _, _, start, end in nodes.blocks:
+    c = cells[start:end]
+    distance = root[_squared_distances(c[:, :2], c[:, :2])] + root[_squared_distances(c[:, 2:], c[:, 2:])]
+    weight = np.exp(-distance / 2 / sigma) * nodes.conf[start:end, None] * nodes.conf[None, start:end]
+    a, b = np.nonzero(weight > min_weight)
+    out.append(((a + start).astype(np.int32), (b + start).astype(np.int32), weight[a, b].astype(np.float32)))
   return out
 
 
@@ -319,51 +302,53 @@ def _three_cycle_entries(nodes: Nodes, pair_set: PairSet, sigma: float, min_weig
 
   w = exp(-|a_u - b_u| / sigma) * 0.5 * [exp(-|T_pq(a_p) - b_q| / sigma) + exp(-|a_p - T_qp(b_q)| / sigma)]
       * conf_a * conf_b, with u the shared image, p and q the other ends and T the rounded predicted
-  cells of the kept pair {p, q} (read regardless of its mask).
+  cells of the kept pair {p, q} (read regardless of its mask). The per-node cells of every block pair
+  are gathered at once; each block pair is then one dense n1 x n2 block of integer distances and
+  kernel look-ups, thresholded before anything is kept.
   """
   triples = three_cycle_blocks(nodes, pair_set)
   if len(triples['block_1']) == 0:
     return []
-  targets_a = rounded_targets(pair_set.out_a, *nodes.grid)  # (K, h, w, 2): cells of i -> cells in j
-  targets_b = rounded_targets(pair_set.out_b, *nodes.grid)
+  table = _kernel_table(sigma, nodes.grid)
+  targets_a = rounded_targets(pair_set.out_a, *nodes.grid).astype(np.int32)  # cells of i -> cells in j
+  targets_b = rounded_targets(pair_set.out_b, *nodes.grid).astype(np.int32)
+  cells = nodes.cells.astype(np.int32)
   blocks = nodes.blocks
   sizes = blocks[:, 3] - blocks[:, 2]
 
   def block_side(which):
-    """Per (block pair, node of its block `which`): cell in u, cell in the other end, mapped cell."""
+    """Per (block pair, node of its block `which`): node, cell in u, cell in the other end, mapped cell."""
     b = triples[f'block_{which}']
     other = triples[f'other_{which}']
     other_partner = triples[f'other_{3 - which}']
     count = sizes[b]
     item = np.repeat(np.arange(len(b)), count)
     node = blocks[b, 2][item] + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
-    u_is_i = blocks[b, 0][item] == triples['shared'][item]
-    cell_u = np.where(u_is_i[:, None], nodes.cells[node, :2], nodes.cells[node, 2:])
-    cell_other = np.where(u_is_i[:, None], nodes.cells[node, 2:], nodes.cells[node, :2])
+    u_is_i = (blocks[b, 0][item] == triples['shared'][item])[:, None]
+    cell_u = np.where(u_is_i, cells[node, :2], cells[node, 2:])
+    cell_other = np.where(u_is_i, cells[node, 2:], cells[node, :2])
     # The kept pair {p, q} stores p's maps in out_a when p < q.
     third = triples['third'][item]
-    forward = other[item] < other_partner[item]
-    mapped = np.where(forward[:, None], targets_a[third, cell_other[:, 1], cell_other[:, 0]],
+    forward = (other[item] < other_partner[item])[:, None]
+    mapped = np.where(forward, targets_a[third, cell_other[:, 1], cell_other[:, 0]],
                       targets_b[third, cell_other[:, 1], cell_other[:, 0]])
-    starts = np.cumsum(count) - count
-    return node, cell_u, cell_other, mapped, starts
+    return node, cell_u, cell_other, mapped, np.cumsum(count) - count
 
   node_1, u_1, other_1, mapped_1, start_1 = block_side(1)
   node_2, u_2, other_2, mapped_2, start_2 = block_side(2)
   n1, n2 = sizes[triples['block_1']], sizes[triples['block_2']]
+  conf = nodes.conf.astype(np.float64)
   out = []
-  for lo, hi in _chunks(n1 * n2):
-    item, row, col = _expand_blocks(n1[lo:hi], n2[lo:hi])
-    ia = start_1[lo:hi][item] + row
-    ib = start_2[lo:hi][item] + col
-    shared_term = _kernel(_norm(u_1[ia] - u_2[ib]), sigma)
-    cycle = 0.5 * (_kernel(_norm(mapped_1[ia] - other_2[ib]), sigma) +
-                   _kernel(_norm(other_1[ia] - mapped_2[ib]), sigma))
-    a, b = node_1[ia], node_2[ib]
-    weight = shared_term * cycle * nodes.conf[a] * nodes.conf[b]
-    keep = weight > min_weight
-    out.append((a[keep], b[keep], weight[keep]))
-    out.append((b[keep], a[keep], weight[keep]))
+  for k in range(len(n1)):
+    r = slice(start_1[k], start_1[k] + n1[k])
+    c = slice(start_2[k], start_2[k] + n2[k])
+    shared = table[_squared_distances(u_1[r], u_2[c])]
+    cycle = table[_squared_distances(mapped_1[r], other_2[c])] + table[_squared_distances(other_1[r], mapped_2[c])]
+    weight = shared * cycle * (0.5 * conf[node_1[r], None] * conf[None, node_2[c]])
+    i, j = np.nonzero(weight > min_weight)
+    a, b, value = node_1[r][i].astype(np.int32), node_2[c][j].astype(np.int32), weight[i, j].astype(np.float32)
+    out.append((a, b, value))
+    out.append((b, a, value))
   return out
 
 
@@ -385,7 +370,7 @@ def affinity(nodes: Nodes, pair_set: PairSet, sigma: float, two_cycle: bool = Fa
     return scipy.sparse.csr_matrix((n, n), dtype=np.float32)
   rows = np.concatenate([p[0] for p in parts])
   cols = np.concatenate([p[1] for p in parts])
-  data = np.concatenate([p[2] for p in parts]).astype(np.float32)
+  data = np.concatenate([p[2] for p in parts]).astype(np.float32, copy=False)
   return scipy.sparse.csr_matrix((data, (rows, cols)), shape=(n, n))
 
 
@@ -406,23 +391,10 @@ def prefix_sizes(n: int, space_log: float = SPACE_LOG) -> np.ndarray:
   return np.array(sorted(sizes) + [n], np.int64)
 
 
-def _within_prefix(matrix: scipy.sparse.coo_matrix, order: np.ndarray) -> np.ndarray:
-  """`(N,)` sum of the entries (a, b) with both a and b among the first k nodes of `order`, k = 1..N.
-
-  An entry counts for every prefix longer than max(rank a, rank b): one bincount over that max and a
-  cumulative sum give all N sums in O(nnz + N).
-  """
-  n = matrix.shape[0]
-  rank = np.empty(n, np.int64)
-  rank[order] = np.arange(n)
-  last = np.maximum(rank[matrix.row], rank[matrix.col])
-  return np.cumsum(np.bincount(last, weights=matrix.data.astype(np.float64), minlength=n))
-
-
 def prefix_energies(matrix: scipy.sparse.spmatrix, order: np.ndarray) -> np.ndarray:
   """u_k^T A u_k for the L2-normalised indicators u_k of the first k nodes of `order`, k = 1..N."""
   n = matrix.shape[0]
-  return _within_prefix(matrix.tocoo(), order) / np.arange(1, n + 1)
+  return graph_clusters.within_prefix(matrix.tocoo(), order) / np.arange(1, n + 1)
 
 
 def sign_and_energy(matrix: scipy.sparse.spmatrix, vector: np.ndarray, space_log: float = SPACE_LOG):
@@ -626,91 +598,42 @@ def discover_reference(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
   return Discovery(nodes, matrix, vector, maps, patterns)
 
 
-def fiedler_cut(matrix: scipy.sparse.csr_matrix):
-  """Best conductance sweep cut along the Fiedler vector of a connected piece (Shi-Malik / Cheeger).
-
-  The second eigenvector v2 of D^-1/2 A D^-1/2 (ARPACK, v0 = ones), nodes sorted by D^-1/2 v2; for every
-  prefix S the conductance cut(S) / min(vol(S), vol(rest)) in O(nnz) via `_within_prefix`.
-
-  Returns:
-    (bool `(N,)` side of each node, conductance of that cut).
-  """
-  n = matrix.shape[0]
-  degree = np.asarray(matrix.sum(axis=1), np.float64).ravel()
-  scale = 1.0 / np.sqrt(degree)
-  normalized = scipy.sparse.diags(scale) @ matrix.astype(np.float64) @ scipy.sparse.diags(scale)
-  _, vectors = scipy.sparse.linalg.eigsh(normalized, k=2, which='LA', v0=np.ones(n))
-  order = np.argsort(vectors[:, 0] * scale, kind='stable')  # eigsh sorts ascending: column 0 is v2
-  volume = np.cumsum(degree[order])
-  within = _within_prefix(matrix.tocoo(), order)
-  cut = volume - within
-  smaller = np.minimum(volume, volume[-1] - volume)
-  conductance = np.full(n, np.inf)
-  conductance[:-1] = cut[:-1] / np.maximum(smaller[:-1], 1e-300)
-  best = int(np.argmin(conductance))
-  side = np.zeros(n, bool)
-  side[order[:best + 1]] = True
-  return side, float(conductance[best])
-
-
-def split_patterns(matrix: scipy.sparse.csr_matrix, max_conductance: float = 0.05, min_nodes: int = 4):
-  """Node groups of a sparse affinity: connected components, split by recursive spectral bisection.
-
-  A piece is split along its best Fiedler sweep cut while that cut's conductance (the fraction of the
-  smaller side's affinity that crosses it) is below `max_conductance` and both sides keep `min_nodes`
-  nodes; nodes without edges and pieces smaller than `min_nodes` are dropped.
-
-  Returns:
-    list of int64 node-index arrays.
-  """
-  degree = np.asarray(matrix.sum(axis=1)).ravel()
-  active = np.flatnonzero(degree > 0)
-  if len(active) < min_nodes:
-    return []
-  sub = matrix[active][:, active]
-  count, labels = scipy.sparse.csgraph.connected_components(sub, directed=False)
-  order = np.argsort(labels, kind='stable')
-  bounds = np.searchsorted(labels[order], np.arange(count + 1))
-  pending = [active[order[lo:hi]] for lo, hi in zip(bounds[:-1], bounds[1:]) if hi - lo >= min_nodes]
-  groups = []
-  while pending:
-    members = pending.pop()
-    if len(members) < 2 * min_nodes:
-      groups.append(members)
-      continue
-    side, conductance = fiedler_cut(matrix[members][:, members])
-    if conductance < max_conductance and min(side.sum(), (~side).sum()) >= min_nodes:
-      pending += [members[side], members[~side]]
-    else:
-      groups.append(members)
-  return groups
-
-
 def discover_patterns(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
                       conf_threshold: float = CONF_THRESHOLD, two_cycle: bool = False,
                       three_cycle: bool = True, min_weight: float = MIN_WEIGHT, max_patterns: int = 10,
-                      max_conductance: float = 0.05, min_nodes: int = 4,
-                      min_relative_energy: float = 0.05, min_image_strength: float = 0.1) -> Discovery:
+                      max_conductance: float = 0.05, min_nodes: int = 4, min_relative_energy: float = 0.05,
+                      min_image_strength: float = 0.1) -> Discovery:
   """Several patterns per collection, on the reference graph (ours).
 
-  Groups from `split_patterns`; within each group the node values are the group's own leading
-  eigenvector (the reference's weighting, signed by its rule, negatives clipped), so one pattern's map
-  is never cancelled by another's; images holding less than `min_image_strength` of the pattern's
-  strongest image's map mass are not instances. Patterns whose energy u^T A u (average affinity per node) is below
-  `min_relative_energy` x the best are dropped; the rest are ranked by the number of images they
-  appear in, then by energy, and at most `max_patterns` are kept. `maps` (used for co-segmentation)
-  are the first pattern's.
+  1. Groups: connected components cut along weak Fiedler cuts (`split_patterns`); groups whose energy
+     u^T A u (average affinity per node) is below `min_relative_energy` x the best are noise.
+  2. Each group becomes a pattern: node values = the group's own leading eigenvector (the reference's
+     weighting, signed by its rule, negatives clipped), so one pattern's map is never cancelled by
+     another's; images holding less than `min_image_strength` of the strongest image's map mass are
+     not instances.
+  3. Pieces of one pattern are merged back (`merge_groups` on `pattern_support`) and recomputed.
+  Patterns are ranked by the number of images they appear in, then by energy; at most `max_patterns`.
+  `maps` (used for co-segmentation) are the first pattern's.
   """
   nodes, matrix = build_graph(pair_set, sigma, top_k, conf_threshold, two_cycle, three_cycle, min_weight)
-  patterns = []
-  for members in split_patterns(matrix, max_conductance, min_nodes):
+
+  def make_pattern(members):
     sub = matrix[members][:, members]
-    values = leading_eigenvector(sub)
     energy = float(np.asarray(sub.sum()) / len(members))
-    patterns.append(_pattern(nodes, members, values, energy, pair_set.num_images, min_image_strength))
-  if patterns:
-    best = max(p.energy for p in patterns)
-    patterns = [p for p in patterns if p.energy >= min_relative_energy * best and len(p.images) >= 2]
+    return _pattern(nodes, members, leading_eigenvector(sub), energy, pair_set.num_images, min_image_strength)
+
+  groups = graph_clusters.split_patterns(matrix, max_conductance, min_nodes)
+  energies = [float(np.asarray(matrix[g][:, g].sum()) / len(g)) for g in groups]
+  groups = [g for g, e in zip(groups, energies) if e >= min_relative_energy * max(energies, default=0.0)]
+  pieces = [make_pattern(g) for g in groups]
+  patterns = []
+  supports = [graph_clusters.pattern_support(p.maps) for p in pieces]
+  for merged in graph_clusters.merge_groups(supports, nodes.grid) if pieces else []:
+    if len(merged) == 1:
+      patterns.append(pieces[merged[0]])
+    else:
+      patterns.append(make_pattern(np.sort(np.concatenate([groups[k] for k in merged]))))
+  patterns = [p for p in patterns if len(p.images) >= 2]
   patterns.sort(key=lambda p: (-len(p.images), -p.energy))
   patterns = patterns[:max_patterns]
   vector = np.zeros(len(nodes))

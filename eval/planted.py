@@ -242,3 +242,56 @@ def write_class_folder(collection: PlantedCollection, class_dir: str, ground_tru
                   masks[index].astype(np.uint8) * 255)
     names.append(name)
   return names
+
+
+def virtual_pair_set(num_images: int, group_size: int = 20, grid: int = 30, cross_pairs: int = 1,
+                     object_cells=(8, 14), jitter: float = 0.2, confident: float = 0.7,
+                     seed: int = 0) -> discovery.PairSet:
+  """Kept-pair outputs of a virtual collection (no pixels) at the scale of real runs, for benchmarks.
+
+  Images come in groups of `group_size` (an Internet class is one group of 100); the images of a group
+  show one object, a square of `object_cells` cells (random side) at a random place of a grid x grid
+  map. Every pair within a group is kept, as most pairs of a class pass the keep threshold; each image
+  also gets `cross_pairs` kept pairs with random images of other groups, whose outputs are confident
+  false matches (random targets). Within a group a pair maps object cells onto the other object
+  (scaled) with `jitter` probability of a one-cell error, a fraction `confident` of them above the
+  confidence threshold. Scores are random, so the top-5 partners are a random subset.
+  """
+  rng = np.random.default_rng(seed)
+  group = np.arange(num_images) // group_size
+  sides = rng.integers(object_cells[0], object_cells[1] + 1, size=num_images)
+  corners = np.stack([rng.integers(0, grid - s + 1, size=2) for s in sides])  # (col, row)
+  within = [(i, j) for i in range(num_images) for j in range(i + 1, num_images) if group[i] == group[j]]
+  cross = []
+  for i in range(num_images):
+    others = np.flatnonzero(group != group[i])
+    if len(others):
+      cross += [tuple(sorted((i, int(j)))) for j in rng.choice(others, size=min(cross_pairs, len(others)),
+                                                               replace=False)]
+  pairs = np.array(sorted(set(within) | set(cross)), np.int64).reshape(-1, 2)
+  centres = geometry.cell_centers(grid, grid, np.float32)
+  rows, cols = np.mgrid[0:grid, 0:grid]
+
+  def side(src, dst):
+    out = np.concatenate([centres, np.full((grid, grid, 1), 0.05, np.float32)], axis=-1)
+    (c0, r0), s0 = corners[src], sides[src]
+    (c1, r1), s1 = corners[dst], sides[dst]
+    inside = (cols >= c0) & (cols < c0 + s0) & (rows >= r0) & (rows < r0 + s0)
+    if group[src] == group[dst]:
+      tx = c1 + (cols - c0 + 0.5) * s1 / s0 - 0.5
+      ty = r1 + (rows - r0 + 0.5) * s1 / s0 - 0.5
+      moved = rng.random((grid, grid)) < jitter
+      tx = np.clip(np.round(tx) + moved * rng.integers(-1, 2, (grid, grid)), 0, grid - 1)
+      ty = np.clip(np.round(ty) + moved * rng.integers(-1, 2, (grid, grid)), 0, grid - 1)
+    else:
+      tx, ty = rng.integers(0, grid, (2, grid, grid))
+    out[..., 0] = np.where(inside, (tx + 0.5) / grid, out[..., 0])
+    out[..., 1] = np.where(inside, (ty + 0.5) / grid, out[..., 1])
+    conf = np.where(rng.random((grid, grid)) < confident, rng.uniform(0.86, 0.99, (grid, grid)), 0.6)
+    out[..., 2] = np.where(inside, conf, out[..., 2])
+    return out
+
+  out_a = np.stack([side(i, j) for i, j in pairs])
+  out_b = np.stack([side(j, i) for i, j in pairs])
+  scores = rng.uniform(10, 100, size=(len(pairs), 2))
+  return discovery.make_pair_set(num_images, pairs, out_a, out_b, scores)

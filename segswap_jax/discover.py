@@ -76,7 +76,7 @@ def load_collection(folder: str, image_size: int, skip_unreadable: bool = False)
 def pattern_color(index: int):
   """A distinct, saturated RGB colour per pattern."""
   hue = int(index * 47) % 180
-  bgr = cv2.cvtColor(np.array([[[hue, 230, 255]]], np.uint8), cv2.COLOR_HSV2BGR)[0, 0]
+  bgr = cv2.cvtColor(np.array([[[hue, 230, 215]]], np.uint8), cv2.COLOR_HSV2BGR)[0, 0]
   return tuple(int(c) for c in bgr[::-1])
 
 
@@ -90,6 +90,16 @@ def outline_instance(image: np.ndarray, mask: np.ndarray, color) -> np.ndarray:
   cv2.drawContours(out, contours, -1, (255, 255, 255), thickness + 2, cv2.LINE_AA)
   cv2.drawContours(out, contours, -1, color, thickness, cv2.LINE_AA)
   return out
+
+
+def keep_seeded_parts(mask: np.ndarray, cell_map: np.ndarray) -> np.ndarray:
+  """Drops the specks GrabCut may add away from the pattern: keeps the parts of `mask` that touch its sure
+  foreground (map > 0.6 x max; report only, the P / J protocol keeps GrabCut's output as is)."""
+  soft = discovery.upsample(cell_map, *mask.shape)
+  seed = soft > discovery.FG_THRESHOLD * soft.max()
+  count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+  touching = np.unique(labels[seed & mask])
+  return np.isin(labels, touching[touching > 0])
 
 
 def grid(panels: Sequence[np.ndarray], columns: int = GRID_COLUMNS) -> np.ndarray:
@@ -139,6 +149,7 @@ def write_report(out_dir: str, folder: str, names: Sequence[str], result: discov
       image, width, height = thumbnail(int(index))
       mask = discovery.soft_to_binary(pattern.maps[index], cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                                       grabcut=grabcut)
+      mask = keep_seeded_parts(mask, pattern.maps[index])
       if not mask.any():
         continue
       panels.append(visualize.put_title(outline_instance(image, mask, color), names[index][:40]))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from eval import discovery
+from eval import discovery, graph_clusters
 
 H = W = 4
 
@@ -245,3 +245,31 @@ def test_soft_to_binary_segments_an_object():
   truth[32:64, 24:72] = True
   assert np.logical_and(mask, truth).sum() / np.logical_or(mask, truth).sum() > 0.9
   assert not discovery.soft_to_binary(-cell_map, image).any()
+
+
+def test_fiedler_cut_separates_two_cliques_by_hand():
+  dense = np.zeros((8, 8))
+  dense[:4, :4] = 1.0
+  dense[4:, 4:] = 1.0
+  np.fill_diagonal(dense, 0.0)
+  dense[3, 4] = dense[4, 3] = 0.1
+  side, conductance = graph_clusters.fiedler_cut(scipy.sparse.csr_matrix(dense))
+  assert set(np.flatnonzero(side)) in ({0, 1, 2, 3}, {4, 5, 6, 7})
+  assert conductance == pytest.approx(0.1 / 12.1)  # cut 0.1 over the volume 4 * 3 + 0.1
+  groups = graph_clusters.split_patterns(scipy.sparse.csr_matrix(dense), max_conductance=0.05, min_nodes=2)
+  assert sorted(sorted(g.tolist()) for g in groups) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_merge_groups_rules():
+  def support(images, rows, cols):
+    return np.array([(i, r, c) for i in images for r in rows for c in cols])
+
+  supports = [
+      support([0, 1, 2], range(0, 3), range(0, 2)),  # 0
+      support([0, 1, 2], range(0, 3), range(2, 4)),  # 1: beside 0 in all 3 shared images -> one pattern
+      support([5], range(0, 3), range(0, 3)),  # 2: with 3, IoU 6 / 9 in image 5 -> merged
+      support([5, 6], range(1, 3), range(0, 3)),  # 3
+      support([0, 1, 7, 8], range(4, 7), range(0, 2)),  # 4: within 2 cells of 0 in its only 2 shared images
+  ]
+  merged = sorted(sorted(m.tolist()) for m in graph_clusters.merge_groups(supports, (10, 10)))
+  assert merged == [[0, 1], [2, 3], [4]]
