@@ -17,11 +17,16 @@ Batches: image_a, image_b float32 (D, B, H, W, 3) ImageNet-normalised; corr_a, c
 of B removed as a key). Positives only: the in-batch negatives and the per-batch A/B swap of SPEC §2 are
 formed in the jitted train step, which sees the whole batch.
 
-Pipeline: ArrayRecord source (JPEG bytes, decoded only for the image each sample uses) -> this process's
-shard (`grain.sharding.ShardByJaxProcess` by default: every JAX process reads a disjoint 1/N of the
-pairs) -> shuffle (a new order each epoch) -> per-sample augmentation (`augment.augment_pair`, seeded
-by (seed, position), so batches do not depend on the number of workers) -> batch D * B, reshape to
-(D, B, ...); samples are made in `num_workers` prefetching processes (0 = threads in this process).
+Pipeline: ArrayRecord source (JPEG bytes, decoded only for the image each sample uses) -> shuffle (a
+new order each epoch) -> per-sample augmentation (`augment.augment_pair`, seeded by (seed, position in
+the shuffled stream), so batches do not depend on the number of workers) -> this process's share ->
+batch D * B, reshape to (D, B, ...); samples are made in `num_workers` prefetching processes (0 =
+threads in this process).
+Sharding (`grain.sharding.ShardByJaxProcess` by default) is topology-independent for training: the
+shuffled, augmented stream is cut into global batches of (processes x D x B) samples and process p
+reads rows [p * D * B, (p + 1) * D * B) of each, i.e. the samples of its devices in the global device
+order. So 2 processes x 2 devices see exactly the batches of 1 process x 4 devices, and every pair is
+read once per epoch by exactly one process. Evaluation loaders take every N-th pair per process.
 Exact resume: `it.get_state()` / `it.set_state(state)`, or with Orbax
 `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))` and `CheckpointRestore(it)`.
 """
@@ -60,18 +65,46 @@ def _default_num_devices() -> int:
 
 
 def _shard(dataset: grain.MapDataset, shard_options) -> grain.MapDataset:
-  """This process's share: positions index, index + count, ... (equal shares if drop_remainder)."""
-  if shard_options is None:
-    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  """This process's share for evaluation: positions index, index + count, ... (equal shares if
+  drop_remainder)."""
+  shard_options = _shard_options(shard_options)
   index, count = shard_options.shard_index, shard_options.shard_count
-  if not 0 <= index < count:
-    raise DataError(f'shard index {index} is not in [0, {count})')
   if count == 1:
     return dataset
   sharded = dataset.slice(slice(index, None, count))
   if shard_options.drop_remainder:
     sharded = sharded.slice(slice(0, len(dataset) // count))
   return sharded
+
+
+def _shard_options(shard_options):
+  if shard_options is None:
+    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  if not 0 <= shard_options.shard_index < shard_options.shard_count:
+    raise DataError(f'shard index {shard_options.shard_index} is not in [0, {shard_options.shard_count})')
+  return shard_options
+
+
+def _global_position(local: int, *, local_batch: int, process: int, num_processes: int) -> int:
+  """Position in the global stream of this process's `local`-th sample (see the module doc)."""
+  batch, row = divmod(local, local_batch)
+  return (batch * num_processes + process) * local_batch + row
+
+
+def _read_at(position: int, *, dataset: grain.MapDataset):
+  return dataset[position]
+
+
+def _process_share(dataset: grain.MapDataset, shard_options, local_batch: int) -> grain.MapDataset:
+  """This process's rows of every global batch of `dataset` (the last partial global batch dropped)."""
+  index, count = shard_options.shard_index, shard_options.shard_count
+  if count == 1:
+    return dataset
+  num_global_batches = len(dataset) // (local_batch * count)
+  position = functools.partial(_global_position, local_batch=local_batch, process=index,
+                               num_processes=count)
+  return (grain.MapDataset.range(num_global_batches * local_batch).map(position)
+          .map(functools.partial(_read_at, dataset=dataset)))
 
 
 def _image_size(path: str, image_size: Optional[int]) -> int:
@@ -131,13 +164,16 @@ def make_train_loader(data_dir: str, *, per_device_batch: int, num_devices: Opti
   num_devices = num_devices or _default_num_devices()
   data_dir = builder.resolve_dataset_dir(data_dir)
   size = _image_size(data_dir, image_size)
-  dataset = _shard(grain.MapDataset.source(builder.data_source(data_dir, split)), shard_options)
-  if len(dataset) < per_device_batch * num_devices:
-    raise DataError(f'{data_dir} [{split}] has {len(dataset)} pairs for this process, fewer than one '
-                    f'batch of {num_devices} x {per_device_batch}')
+  shard_options = _shard_options(shard_options)
+  local_batch = per_device_batch * num_devices
+  dataset = grain.MapDataset.source(builder.data_source(data_dir, split))
+  if len(dataset) < local_batch * shard_options.shard_count:
+    raise DataError(f'{data_dir} [{split}] has {len(dataset)} pairs, fewer than one global batch of '
+                    f'{shard_options.shard_count} process(es) x {num_devices} x {per_device_batch}')
   dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
   dataset = dataset.random_map(
       functools.partial(_augment, config=augment_config, image_size=size), seed=seed)
+  dataset = _process_share(dataset, shard_options, local_batch)
   return _finish(dataset, per_device_batch * num_devices, num_devices, True, num_workers,
                  worker_buffer, num_threads)
 

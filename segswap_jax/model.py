@@ -34,6 +34,8 @@ TRANSFORMER_SIZES = {
     'large': (512, 8, 6, 2048),
 }
 DEFAULT_BLOCK_TYPES = 'I C I C I N'
+# Channels of the stages of `SmallConvNet` (the demo's jointly trained backbone).
+SMALL_CONVNET_WIDTHS = (32, 64, 128, 256)
 
 
 def parse_block_types(block_types: str) -> Tuple[Tuple[str, str], ...]:
@@ -65,6 +67,7 @@ def model_config(size: str = 'small', block_types: Optional[str] = None) -> ml_c
       'pos_weight': 0.1,
       'feat_weight': 1.0,
       'backbone': 'resnet50_conv4',
+      'backbone_widths': SMALL_CONVNET_WIDTHS,
       'feature_dim': FEATURE_DIM,
   })
 
@@ -129,10 +132,37 @@ class ResNet50Conv4(nn.Module):
     return x
 
 
+class SmallConvNet(nn.Module):
+  """A light stride-16 CNN for training from scratch (the demo): `(B, H, W, 3)` -> `(B, H/16, W/16, C)`.
+
+  Four stages of (3x3 stride-2 conv, 3x3 conv), each followed by GroupNorm and ReLU; C = widths[-1].
+  GroupNorm rather than BatchNorm: no batch statistics to carry, and the same function in training and
+  evaluation. Not part of the reference: it exists because no pretrained ResNet-50 can reach the machines
+  the demo runs on (docs/training.md).
+  """
+  widths: Tuple[int, ...] = SMALL_CONVNET_WIDTHS
+
+  @nn.compact
+  def __call__(self, x):
+    for stage, width in enumerate(self.widths):
+      for i, stride in enumerate((2, 1)):
+        x = _conv(width, 3, stride, f'stage{stage}_conv{i}')(x)
+        x = nn.relu(nn.GroupNorm(num_groups=min(8, width), epsilon=1e-5, name=f'stage{stage}_norm{i}')(x))
+    return x
+
+
+BACKBONES = ('resnet50_conv4', 'small_convnet')
+
+
 def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   if config.backbone == 'resnet50_conv4':
     return ResNet50Conv4()
-  raise ValueError(f'unknown backbone {config.backbone!r}')
+  if config.backbone == 'small_convnet':
+    if config.feature_dim != config.backbone_widths[-1]:
+      raise ValueError(f'small_convnet gives {config.backbone_widths[-1]} channels, feature_dim is '
+                       f'{config.feature_dim}')
+    return SmallConvNet(tuple(config.backbone_widths))
+  raise ValueError(f'unknown backbone {config.backbone!r}; expected one of {BACKBONES}')
 
 
 # ----------------------------------------------------------------------------------------------------

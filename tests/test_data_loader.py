@@ -94,7 +94,7 @@ def test_train_batches_have_the_interface_format(small_dataset):
   assert not (batch['pad_b'] & (batch['mask_b'] >= 0.5)).any()
   with pytest.raises(DataError, match='holds 192x192 pairs, the loader was asked for 256x256'):
     loader.make_train_loader(small_dataset, per_device_batch=2, num_devices=1, image_size=256)
-  with pytest.raises(DataError, match='fewer than one batch of 2 x 4'):
+  with pytest.raises(DataError, match='fewer than one global batch of 1 process.es. x 2 x 4'):
     loader.make_train_loader(small_dataset, per_device_batch=4, num_devices=2)
 
 
@@ -157,6 +157,21 @@ def test_two_shards_cover_every_pair_once_per_epoch(small_dataset):
   # Default: one JAX process here, so ShardByJaxProcess gives it everything.
   assert len(list(loader.make_train_loader(small_dataset, per_device_batch=1, num_devices=1,
                                            num_epochs=1))) == 6
+
+
+def test_process_shares_form_the_single_process_batches(small_dataset):
+  """2 processes x 1 device read exactly the rows of the 1 process x 2 devices batches."""
+  whole = list(loader.make_train_loader(small_dataset, per_device_batch=1, num_devices=2, seed=3,
+                                        num_epochs=2))
+  shares = [list(loader.make_train_loader(
+      small_dataset, per_device_batch=1, num_devices=1, seed=3, num_epochs=2,
+      shard_options=grain.sharding.ShardOptions(shard_index=p, shard_count=2, drop_remainder=True)))
+            for p in range(2)]
+  assert len(whole) == len(shares[0]) == len(shares[1]) == 6
+  for step, batch in enumerate(whole):
+    for process in range(2):
+      for key in BATCH_KEYS:
+        np.testing.assert_array_equal(batch[key][process], shares[process][step][key][0])
 
 
 def test_eval_loader_is_one_unaugmented_pass(small_dataset):

@@ -1,0 +1,82 @@
+"""Training settings shared by every training config: the reference recipe (SPEC §2), stage 1.
+
+Not run directly: `coco.py`, `unsup.py`, `hardmining.py` and `demo.py` start from `get_config()` here.
+Derived values (the step count, the decay step) follow the keys they come from, also when those are
+overridden on the command line (ml_collections field references).
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # -- data: a `segswap_pairs` dataset (python -m data_pipeline.generate) --------------------------------
+  config.data = ml_collections.ConfigDict()
+  config.data.data_dir = ''             # the --data_dir given to data_pipeline.generate, or the dataset dir
+  config.data.source = ''               # which dataset under data_dir (bundled|folder|coco|reference); '' = the only one
+  config.data.generate_config = ''      # a configs/data/*.py file: generate the pairs first if missing
+  config.data.image_size = 480          # side of the stored pairs (checked against the dataset)
+  config.data.num_workers = 0           # grain prefetch processes (0: threads of the training process)
+  config.data.num_threads = 8
+  config.data.p_style = 0.5             # SPEC §2 augmentation
+  config.data.p_tps = 0.5
+  config.data.tps_grids = (4, 6)
+  config.data.p_pad = 0.5
+
+  # -- model: the reference's small transformer over a frozen MoCo-v2 ResNet-50 ----------------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.size = 'small'           # tiny | small | base | large
+  config.model.block_types = 'I C I C I N'
+  config.model.dropout = 0.1
+  config.model.drop_feat = 0.1
+  config.model.pos_weight = 0.1
+  config.model.feat_weight = 1.0
+  config.model.backbone = 'resnet50_conv4'   # or small_convnet (trained from scratch: the demo)
+  config.model.backbone_widths = (32, 64, 128, 256)  # small_convnet only
+
+  # -- initialisation ---------------------------------------------------------------------------------------
+  config.backbone_checkpoint = ''       # converted MoCo-v2 (python -m segswap_jax.convert); '' = random
+  config.init_checkpoint = ''           # a whole model to start from (official weights, stage 1 for stage 2)
+  config.train_backbone = False         # the reference keeps the backbone frozen
+
+  # -- objective --------------------------------------------------------------------------------------------
+  config.batch_pos = 5                  # positive pairs per device (the reference's batch)
+  config.batch_neg = 15                 # in-batch negatives per device
+  config.warp_mask = True
+  config.eta_corr = 8.0
+  config.swap_prob = 0.5
+
+  # -- optimisation -----------------------------------------------------------------------------------------
+  config.learning_rate = 2e-4
+  config.weight_decay = 0.0
+  config.grad_clip_norm = 0.0           # 0 = off (the reference does not clip)
+  config.warmup_steps = 1000
+  config.steps_per_epoch = 9000
+  config.num_epochs = 100               # epoch 0 is the warm-up
+  config.num_train_steps = (config.get_ref('warmup_steps')
+                           + (config.get_ref('num_epochs') - 1) * config.get_ref('steps_per_epoch'))
+  config.lr_decay_epochs = (50,)        # lr x lr_decay_factor after these epochs
+  config.lr_decay_factor = 0.05
+
+  # -- bookkeeping ------------------------------------------------------------------------------------------
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.eval_every_steps = config.get_ref('steps_per_epoch')  # validation at warm-up end, then per epoch
+  config.eval_num_pairs = 0             # held-out pairs per validation (0 = the whole validation split)
+  config.eval_batch_size = 8            # per device
+  config.brueghel_dir = ''              # Brueghel folder: validation mAP picks the best checkpoint
+  config.brueghel_batch_size = 32
+  config.vis_num_pairs = 6              # held-out pairs drawn in predictions.png
+
+  # -- stage 2 (configs/hardmining.py) ----------------------------------------------------------------------
+  config.hard_mining = ml_collections.ConfigDict()
+  config.hard_mining.enabled = False
+  config.hard_mining.pool_size = 500
+  config.hard_mining.round_steps = 100
+  config.hard_mining.num_hard = 5       # mined negative pairs per device and step
+  config.hard_mining.zero_below = 0.04
+  config.hard_mining.min_score = 0.1
+  config.hard_mining.batch_size = 64    # pool pairs scored per device batch
+  return config

@@ -1,0 +1,133 @@
+"""Validation during training: held-out synthetic pairs, optional Brueghel mAP, a picture of predictions.
+
+Held-out pairs (the dataset's `validation` split, unaugmented, unstyled) give, over both images of
+every pair:
+  mask_iou           mean IoU of predicted mask > 0.5 against GT mask > 0.5 (per image, then averaged);
+  corr_error_median  median distance in cells (of the other image's feature grid) between predicted and
+                     GT correspondence, over every cell whose GT mask is > 0.5 (all pairs pooled);
+  corr_error_mean, corr_within_1 (fraction of those cells within one cell).
+Each JAX process evaluates its share of the split; the per-image numbers are gathered, so every process
+returns the same result.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import jax
+import numpy as np
+
+from data_pipeline import loader as loader_lib
+from segswap_jax import losses
+from segswap_jax import train_step as train_step_lib
+from segswap_jax import visualize
+from segswap_jax.model import IMAGENET_MEAN, IMAGENET_STD
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """ImageNet-normalised float `(..., H, W, 3)` -> RGB uint8."""
+  pixels = images * (np.asarray(IMAGENET_STD) * 255.0) + np.asarray(IMAGENET_MEAN) * 255.0
+  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def _gather(values: np.ndarray) -> np.ndarray:
+  """Concatenates a 1-D array over JAX processes (identity for one process)."""
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  sizes = multihost_utils.process_allgather(np.array([len(values)]))
+  padded = np.full(int(sizes.max()), np.nan, values.dtype)
+  padded[:len(values)] = values
+  gathered = multihost_utils.process_allgather(padded)
+  return np.concatenate([row[:int(n)] for row, n in zip(gathered, sizes.reshape(-1))])
+
+
+class HeldOutEvaluator:
+  """Mask IoU and correspondence error on the validation split, batched over local devices."""
+
+  def __init__(self, dataset_dir: str, model_config, per_device_batch: int = 8,
+               num_pairs: int = 0, split: str = 'validation'):
+    self.dataset_dir = dataset_dir
+    self.per_device_batch = per_device_batch
+    self.num_pairs = num_pairs
+    self.split = split
+    self._forward = jax.pmap(train_step_lib.make_eval_step(model_config), axis_name='batch')
+
+  def _batches(self):
+    return loader_lib.make_eval_loader(self.dataset_dir, per_device_batch=self.per_device_batch,
+                                       num_devices=jax.local_device_count(), split=self.split)
+
+  def predict(self, params, frozen, num_pairs: int):
+    """The first `num_pairs` pairs of this process's share: (batch dict, out_a, out_b), flat `(N, ...)`."""
+    kept, outputs = [], []
+    for batch in self._batches():
+      out_a, out_b = self._forward(params, frozen, batch['image_a'], batch['image_b'])
+      flat = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])
+      kept.append({k: flat(v) for k, v in batch.items()})
+      outputs.append((flat(out_a), flat(out_b)))
+      if sum(len(b['mask_a']) for b in kept) >= num_pairs:
+        break
+    batch = {k: np.concatenate([b[k] for b in kept])[:num_pairs] for k in kept[0]}
+    out_a = np.concatenate([o[0] for o in outputs])[:num_pairs]
+    out_b = np.concatenate([o[1] for o in outputs])[:num_pairs]
+    return batch, out_a, out_b
+
+  def evaluate(self, params, frozen) -> Dict[str, float]:
+    """`params`, `frozen`: replicated trainable and frozen trees (as the pmapped train step has them)."""
+    ious, errors = [], []
+    seen = 0
+    for batch in self._batches():
+      if self.num_pairs and seen >= self._local_limit():
+        break
+      out_a, out_b = self._forward(params, frozen, batch['image_a'], batch['image_b'])
+      out_a, out_b = np.asarray(out_a), np.asarray(out_b)
+      keep = batch['mask_a'].shape[0] * batch['mask_a'].shape[1]
+      if self.num_pairs:
+        keep = min(keep, self._local_limit() - seen)
+      seen += keep
+      for out, mask, corr in ((out_a, batch['mask_a'], batch['corr_a']),
+                              (out_b, batch['mask_b'], batch['corr_b'])):
+        out = out.reshape((-1,) + out.shape[2:])[:keep]
+        mask = mask.reshape((-1,) + mask.shape[2:])[:keep]
+        corr = corr.reshape((-1,) + corr.shape[2:])[:keep]
+        ious.append(np.asarray(losses.mask_iou(out[..., 2], mask)))
+        error = np.asarray(losses.correspondence_error_cells(out[..., :2], corr))
+        errors.append(error[mask > 0.5])
+    ious = _gather(np.concatenate(ious).astype(np.float64))
+    errors = _gather(np.concatenate(errors).astype(np.float64))
+    return {
+        'mask_iou': float(np.mean(ious)),
+        'corr_error_median': float(np.median(errors)) if errors.size else float('nan'),
+        'corr_error_mean': float(np.mean(errors)) if errors.size else float('nan'),
+        'corr_within_1': float(np.mean(errors <= 1.0)) if errors.size else float('nan'),
+        'num_pairs': int(len(ious) // 2),
+    }
+
+  def _local_limit(self) -> int:
+    return -(-self.num_pairs // jax.process_count())
+
+  def draw(self, params, frozen, num_pairs: int, title: str = '') -> np.ndarray:
+    """A picture of the first held-out pairs: predicted masks (outlined at 0.5), correspondence lines
+    from A's confident cells, GT mask IoU in each row's title."""
+    batch, out_a, out_b = self.predict(params, frozen, num_pairs)
+    rows = []
+    for i in range(len(out_a)):
+      iou_a = float(losses.mask_iou(out_a[i, ..., 2], batch['mask_a'][i]))
+      iou_b = float(losses.mask_iou(out_b[i, ..., 2], batch['mask_b'][i]))
+      rows.append(visualize.draw_pair(
+          to_uint8(batch['image_a'][i]), to_uint8(batch['image_b'][i]), out_a[i], out_b[i],
+          title=f'{title}held-out pair {i}: mask IoU A {iou_a:.2f}, B {iou_b:.2f}'))
+    return visualize.stack_rows(rows)
+
+
+def brueghel_map(brueghel_dir: str, model_params: dict, model_config, batch_size: int,
+                 cache_dir: str, work_dir: str) -> Optional[float]:
+  """Brueghel validation mAP (SPEC §6 on `brueghelVal.json`), as the reference selects checkpoints."""
+  import shutil
+  from eval import brueghel
+  shutil.rmtree(work_dir, ignore_errors=True)  # its per-query results belong to older weights
+  results = brueghel.evaluate(brueghel_dir, 'val', model_params, model_config, batch_size,
+                              cache_dir=cache_dir, work_dir=work_dir)
+  shutil.rmtree(work_dir, ignore_errors=True)
+  if results is None:  # processes other than 0
+    return None
+  return float(results['retrieval_map'])
