@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from data_pipeline import builder
 from data_pipeline import shards
 from data_pipeline.errors import DataError
+from segswap_jax import config_cli
 
 # Settings that change how the work is done, not what is made.
 _EXECUTION_KEYS = ('num_workers', 'keep_work')
@@ -217,4 +218,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_cli.parse_flags)

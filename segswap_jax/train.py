@@ -40,6 +40,7 @@ from data_pipeline import builder
 from data_pipeline import loader as loader_lib
 from data_pipeline.errors import DataError
 from segswap_jax import checkpoints
+from segswap_jax import config_cli
 from segswap_jax import model as model_lib
 from segswap_jax import train_logging
 from segswap_jax import train_step as train_step_lib
@@ -311,7 +312,7 @@ class _Preemption:
 
 def _host_metrics(metrics) -> Dict[str, float]:
   """Replicated step metrics -> floats (device 0's copy; they are already averaged)."""
-  return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+  return {k: float(v) for k, v in train_step_lib.unreplicate(metrics).items()}
 
 
 def _mean_metrics(history) -> Dict[str, float]:
@@ -546,4 +547,4 @@ def print_summary(summary: Dict[str, object], workdir: str) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_cli.parse_flags)

@@ -176,10 +176,13 @@ def make_eval_step(model_config: ml_collections.ConfigDict) -> Callable:
 def replicate(tree: Any, devices=None) -> Any:
   """Copies a host tree onto every local device as pmap expects (leading device axis)."""
   devices = devices or jax.local_devices()
+  if not jax.tree.leaves(tree):
+    return tree
   stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
   return jax.pmap(lambda x: x, devices=devices)(stacked)
 
 
 def unreplicate(tree: Any) -> Any:
   """The first local copy of a replicated tree, as host numpy arrays."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  # A shard of a pmapped array keeps its leading axis, of length 1.
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
