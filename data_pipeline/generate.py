@@ -198,19 +198,22 @@ def generate(config, data_dir: str) -> str:
   return path
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Data config file, e.g. configs/data/demo.py.',
-                                          lock_config=True)
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir that receives segswap_pairs/.')
+def define_flags() -> None:
+  """The command line (defined only when run as a program, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'Data config file, e.g. configs/data/demo.py.',
+                                  lock_config=True)
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir that receives segswap_pairs/.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or not _DATA_DIR.value:
+  args = flags.FLAGS
+  if args.config is None or not args.data_dir:
     raise app.UsageError('--config and --data_dir are required')
   logging.set_verbosity(logging.WARNING)  # TFDS logs every file it writes at INFO.
   try:
-    path = generate(_CONFIG.value, _DATA_DIR.value)
+    path = generate(args.config, args.data_dir)
   except DataError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -218,4 +221,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=config_cli.parse_flags)

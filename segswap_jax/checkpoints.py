@@ -31,7 +31,10 @@ class CheckpointError(ValueError):
 
 def save_model(directory: str, params: dict, config: ml_collections.ConfigDict,
                metadata: Optional[dict] = None) -> str:
-  """Writes `params` and `config` to `directory` (created; must not hold a checkpoint already)."""
+  """Writes `params` and `config` to `directory` (created; must not hold a checkpoint already).
+
+  With several JAX processes every process calls it (Orbax saves collectively).
+  """
   directory = os.path.abspath(directory)
   if os.path.exists(os.path.join(directory, PARAMS_DIR)):
     raise CheckpointError(f'{directory}: already holds a checkpoint; choose a new directory')
@@ -40,8 +43,9 @@ def save_model(directory: str, params: dict, config: ml_collections.ConfigDict,
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
   checkpointer.wait_until_finished()
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-    json.dump({'model': config.to_dict(), 'metadata': metadata or {}}, f, indent=2, sort_keys=True)
+  if jax.process_index() == 0:  # several processes save collectively; one writes the config
+    with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+      json.dump({'model': config.to_dict(), 'metadata': metadata or {}}, f, indent=2, sort_keys=True)
   return directory
 
 

@@ -133,8 +133,9 @@ class HardNegativeMiner:
                                        feat_b.astype(jnp.float32), train=False)
       return jnp.mean(out_a[..., 2], axis=(1, 2)) + jnp.mean(out_b[..., 2], axis=(1, 2))
 
-    self._features = jax.pmap(features, devices=devices)
-    self._score = jax.pmap(score, devices=devices)
+    # Over all devices of all processes: every process calls them in step (the same batch counts).
+    self._features = jax.pmap(features)
+    self._score = jax.pmap(score)
     self._num_devices = len(devices)
 
   def round_of(self, step: int) -> int:
@@ -162,7 +163,7 @@ class HardNegativeMiner:
       if valid < chunk:  # a static shape: pad with copies of the last item
         parts = [np.concatenate([p, np.repeat(p[-1:], chunk - valid, 0)]) for p in parts]
       parts = [p.reshape((self._num_devices, batch) + p.shape[1:]) for p in parts]
-      result = np.asarray(function(*parts))
+      result = train_step_lib.local_shards(function(*parts))
       outputs.append(result.reshape((chunk,) + result.shape[2:])[:valid])
     return np.concatenate(outputs)
 
@@ -175,11 +176,13 @@ class HardNegativeMiner:
       self._scores = np.load(path)['scores']
     else:
       start, stop = _shard_of(len(self.pairs))
-      mine = self.pairs[start:stop]
+      share = -(-len(self.pairs) // jax.process_count())
+      # Equal shares (padded with pair 0) so every process runs the same number of batches.
+      mine = np.concatenate([self.pairs[start:stop],
+                             np.zeros((share - (stop - start), 2), self.pairs.dtype)])
       gather = lambda first, second: self._score(params, feats[first], feats[second])
-      local = (self._run_batched(gather, [mine[:, 0], mine[:, 1]], self.settings.batch_size)
-               if len(mine) else np.zeros(0, np.float32))
-      scores = _allgather_concat(local.astype(np.float32), len(self.pairs))
+      local = self._run_batched(gather, [mine[:, 0], mine[:, 1]], self.settings.batch_size)
+      scores = _allgather_concat(local[:stop - start].astype(np.float32), len(self.pairs))
       scores = np.where(scores > self.settings.zero_below, scores, 0.0).astype(np.float32)
       self._scores = scores
       if jax.process_index() == 0:

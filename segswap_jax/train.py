@@ -197,26 +197,32 @@ def config_differences(found: dict, expected: dict, ignore=()) -> list:
 
 
 def check_workdir(workdir: str, model_config, config) -> None:
-  """A workdir with a checkpoint must belong to the same model; records both configs on first use."""
+  """A workdir that holds a run must hold one of the same model (read-only: nothing is written)."""
   path = os.path.join(workdir, 'model_config.json')
-  if os.path.isfile(path):
-    with open(path) as f:
-      found = json.load(f)
-    differ = config_differences(found, json.loads(model_config.to_json()))
-    if differ:
-      raise TrainError(f'{workdir} holds a run of another model (differs in: {", ".join(differ)}); '
-                       'use a new --workdir or the same model settings')
-    with open(os.path.join(workdir, 'config.json')) as f:
-      found_train = json.load(f).get('train_backbone')
-    if found_train != config.train_backbone:
-      raise TrainError(f'{workdir} holds a run with train_backbone={found_train}; use a new --workdir')
+  if not os.path.isfile(path):
     return
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2, sort_keys=True))
-    with open(path, 'w') as f:
-      f.write(model_config.to_json(indent=2, sort_keys=True))
+  with open(path) as f:
+    found = json.load(f)
+  differ = config_differences(found, json.loads(model_config.to_json()))
+  if differ:
+    raise TrainError(f'{workdir} holds a run of another model (differs in: {", ".join(differ)}); '
+                     'use a new --workdir or the same model settings')
+  with open(os.path.join(workdir, 'config.json')) as f:
+    found_train = json.load(f).get('train_backbone')
+  if found_train != config.train_backbone:
+    raise TrainError(f'{workdir} holds a run with train_backbone={found_train}; use a new --workdir')
+
+
+def record_configs(workdir: str, model_config, config) -> None:
+  """Writes config.json and model_config.json on a workdir's first run (process 0)."""
+  path = os.path.join(workdir, 'model_config.json')
+  if os.path.isfile(path) or jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json(indent=2, sort_keys=True))
+  with open(path, 'w') as f:
+    f.write(model_config.to_json(indent=2, sort_keys=True))
 
 
 def barrier(tag: str) -> None:
@@ -274,16 +280,20 @@ class CheckpointStore:
 
 
 def export_model(directory: str, trainable, frozen, model_config, metadata: dict) -> None:
-  """Writes a model checkpoint (replacing an older one) from host trees; process 0 only."""
-  if jax.process_index() != 0:
-    return
+  """Writes a model checkpoint from host trees, replacing an older one. Collective: every process calls
+  it (Orbax synchronises its writers); process 0 writes the files."""
   import shutil
   temporary = directory + '.tmp'
-  shutil.rmtree(temporary, ignore_errors=True)
+  if jax.process_index() == 0:
+    shutil.rmtree(temporary, ignore_errors=True)
+  barrier(f'export_start:{directory}')
   checkpoints.save_model(temporary, train_step_lib.merge_params(trainable, frozen), model_config,
                          metadata)
-  shutil.rmtree(directory, ignore_errors=True)
-  os.replace(temporary, directory)
+  barrier(f'export_written:{directory}')
+  if jax.process_index() == 0:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(temporary, directory)
+  barrier(f'export_done:{directory}')
 
 
 # -- the loop -------------------------------------------------------------------------------------------
@@ -338,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   check_workdir(workdir, model_config, config)
   dataset_dir = prepare_dataset(config, workdir)
   check_dataset(dataset_dir, config)
+  record_configs(workdir, model_config, config)
 
   settings = training_settings(config)
   state, frozen = train_step_lib.create_train_state(initial_model_params(config, model_config), settings)
@@ -354,8 +365,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   state = train_step_lib.replicate(host_state, devices)
   frozen = train_step_lib.replicate(frozen, devices)
   del host_state
+  # Over all devices of all processes: gradients and metrics are averaged globally.
   p_step = jax.pmap(train_step_lib.make_train_step(model_config, settings, axis_name='batch'),
-                    axis_name='batch', donate_argnums=(0,), devices=devices)
+                    axis_name='batch', donate_argnums=(0,))
   evaluator = validation.HeldOutEvaluator(dataset_dir, model_config, config.eval_batch_size,
                                           config.eval_num_pairs)
   miner = None
@@ -446,10 +458,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   summary['steps'] = step
   export_model(os.path.join(workdir, 'model'), train_step_lib.unreplicate(state.params),
                train_step_lib.unreplicate(frozen), model_config, {'step': step})
-  if config.vis_num_pairs > 0 and jax.process_index() == 0:
+  if config.vis_num_pairs > 0:
     picture = evaluator.draw(state.params, frozen, config.vis_num_pairs, title=f'step {step}: ')
-    summary['predictions'] = validation.visualize.save_png(os.path.join(workdir, 'predictions.png'),
-                                                           picture)
+    if jax.process_index() == 0:
+      summary['predictions'] = validation.visualize.save_png(os.path.join(workdir, 'predictions.png'),
+                                                             picture)
   _write_json(summary_path, summary)
   store.close()
   writer.close()
@@ -497,40 +510,44 @@ def _write_json(path: str, value) -> None:
 
 # -- command line ---------------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/demo.py.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and exported models.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Multi-host: number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'Multi-host: index of this process.')
-_AUTO = flags.DEFINE_bool('jax_distributed_auto', False,
-                          'Multi-host: let jax.distributed.initialize() detect the cluster (TPU, SLURM, ...).')
+def define_flags() -> None:
+  """The command line (defined only when run as a program, so importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/demo.py.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and exported models.')
+  flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
+  flags.DEFINE_integer('num_processes', 1, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('process_id', 0, 'Multi-host: index of this process.')
+  flags.DEFINE_bool('jax_distributed_auto', False,
+                    'Multi-host: let jax.distributed.initialize() detect the cluster (TPU, SLURM, ...).')
 
 
 def initialize_distributed() -> None:
-  if _AUTO.value:
+  args = flags.FLAGS
+  if args.jax_distributed_auto:
     jax.distributed.initialize()
-  elif _NUM_PROCESSES.value > 1:
-    if not _COORDINATOR.value:
+  elif args.num_processes > 1:
+    if not args.coordinator_address:
       raise TrainError('--num_processes > 1 needs --coordinator_address HOST:PORT')
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or not _WORKDIR.value:
+  args = flags.FLAGS
+  if args.config is None or not args.workdir:
     raise app.UsageError('--config and --workdir are required, e.g. '
                          '--config=configs/demo.py --workdir workdirs/demo')
   logging.set_verbosity(logging.WARNING)
   try:
     initialize_distributed()
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train_and_evaluate(args.config, args.workdir)
   except (TrainError, DataError, checkpoints.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
-    print_summary(summary, _WORKDIR.value)
+    print_summary(summary, args.workdir)
 
 
 def print_summary(summary: Dict[str, object], workdir: str) -> None:
@@ -547,4 +564,5 @@ def print_summary(summary: Dict[str, object], workdir: str) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=config_cli.parse_flags)

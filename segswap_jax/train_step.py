@@ -151,7 +151,7 @@ def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collecti
       metrics = jax.lax.pmean(metrics, axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    learning_rate=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -180,6 +180,12 @@ def replicate(tree: Any, devices=None) -> Any:
     return tree
   stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
   return jax.pmap(lambda x: x, devices=devices)(stacked)
+
+
+def local_shards(array: jax.Array) -> np.ndarray:
+  """This process's rows `(D_local, ...)` of a pmapped output (all of it with one process)."""
+  shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+  return np.concatenate([np.asarray(shard.data) for shard in shards])
 
 
 def unreplicate(tree: Any) -> Any:

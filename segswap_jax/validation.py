@@ -57,11 +57,15 @@ class HeldOutEvaluator:
                                        num_devices=jax.local_device_count(), split=self.split)
 
   def predict(self, params, frozen, num_pairs: int):
-    """The first `num_pairs` pairs of this process's share: (batch dict, out_a, out_b), flat `(N, ...)`."""
+    """The first `num_pairs` pairs of this process's share: (batch dict, out_a, out_b), flat `(N, ...)`.
+
+    Collective: every process calls it (one pmap over all devices); the shares have equal lengths.
+    """
     kept, outputs = [], []
     for batch in self._batches():
       out_a, out_b = self._forward(params, frozen, batch['image_a'], batch['image_b'])
       flat = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])
+      out_a, out_b = train_step_lib.local_shards(out_a), train_step_lib.local_shards(out_b)
       kept.append({k: flat(v) for k, v in batch.items()})
       outputs.append((flat(out_a), flat(out_b)))
       if sum(len(b['mask_a']) for b in kept) >= num_pairs:
@@ -79,7 +83,7 @@ class HeldOutEvaluator:
       if self.num_pairs and seen >= self._local_limit():
         break
       out_a, out_b = self._forward(params, frozen, batch['image_a'], batch['image_b'])
-      out_a, out_b = np.asarray(out_a), np.asarray(out_b)
+      out_a, out_b = train_step_lib.local_shards(out_a), train_step_lib.local_shards(out_b)
       keep = batch['mask_a'].shape[0] * batch['mask_a'].shape[1]
       if self.num_pairs:
         keep = min(keep, self._local_limit() - seen)
@@ -107,7 +111,8 @@ class HeldOutEvaluator:
 
   def draw(self, params, frozen, num_pairs: int, title: str = '') -> np.ndarray:
     """A picture of the first held-out pairs: predicted masks (outlined at 0.5), correspondence lines
-    from A's confident cells, GT mask IoU in each row's title."""
+    from A's confident cells, GT mask IoU in each row's title. Collective (every process calls it,
+    each draws pairs of its own share)."""
     batch, out_a, out_b = self.predict(params, frozen, num_pairs)
     rows = []
     for i in range(len(out_a)):

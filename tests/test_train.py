@@ -1,0 +1,270 @@
+"""The training loop end to end: exact resume, SIGTERM, 2 processes = 1 process, hard mining, errors.
+
+Runs on a miniature dataset made by the real generator from the bundled photographs (128 px, 8 x 8
+cells) with a tiny model, on the 4 emulated CPU devices of conftest.py.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from data_pipeline import builder
+from data_pipeline import generate
+from segswap_jax import checkpoints
+from segswap_jax import hard_mining
+from segswap_jax import train
+from segswap_jax import train_logging
+from test_data_support import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_OVERRIDES = {
+    'data.generate_config': '', 'data.image_size': 128, 'data.num_threads': 2,
+    'model.size': 'tiny', 'model.block_types': 'I C', 'model.backbone_widths': (8, 8, 16, 16),
+    'batch_pos': 2, 'batch_neg': 2, 'warmup_steps': 2, 'steps_per_epoch': 3, 'num_epochs': 3,
+    'log_every_steps': 1, 'checkpoint_every_steps': 100, 'eval_batch_size': 2, 'vis_num_pairs': 2,
+}
+
+
+def set_key(config, key, value):
+  node = config
+  *parents, leaf = key.split('.')
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+
+
+def tiny_config(dataset_dir, **overrides):
+  config = demo.get_config()
+  for key, value in {**TINY_OVERRIDES, 'data.data_dir': dataset_dir, **overrides}.items():
+    set_key(config, key, value)
+  return config
+
+
+def command_line(dataset_dir, workdir, **overrides):
+  values = {**TINY_OVERRIDES, 'data.data_dir': dataset_dir, **overrides}
+  return ([sys.executable, '-m', 'segswap_jax.train', '--config=configs/demo.py', f'--workdir={workdir}']
+          + [f'--config.{k}={v}' for k, v in values.items()])
+
+
+@pytest.fixture(scope='module')
+def train_dataset(tmp_path_factory):
+  """16 train + 4 validation one-object pairs at 128 px."""
+  config = small_config(image_size=128, num_pairs=16, num_validation=4, shard_size=8,
+                        two_object_fraction=0.0, **{'swap.min_mask_cells': 2.0})
+  return generate.generate(config, str(tmp_path_factory.mktemp('train_dataset')))
+
+
+def final_params(workdir):
+  params, _ = checkpoints.load_model(os.path.join(workdir, 'model'))
+  return params
+
+
+def assert_trees_equal(first, second):
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def train_losses(workdir):
+  return {r['step']: r['train/loss'] for r in train_logging.read_metrics(workdir) if 'train/loss' in r}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(train_dataset, tmp_path_factory):
+  """8 steps in one go (warm-up 2 + 2 epochs of 3), the reference every resume must reproduce."""
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  summary = train.train_and_evaluate(tiny_config(train_dataset), workdir)
+  return workdir, summary
+
+
+def test_a_run_writes_everything_it_promises(uninterrupted):
+  workdir, summary = uninterrupted
+  assert summary['steps'] == 8
+  for name in ('model', 'best', 'checkpoints', 'tensorboard', 'metrics.jsonl', 'predictions.png',
+               'summary.json', 'config.json', 'model_config.json'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  records = train_logging.read_metrics(workdir)
+  train_steps = [r['step'] for r in records if 'train/loss' in r]
+  assert train_steps == list(range(1, 9))
+  keys = set().union(*[r.keys() for r in records if 'train/loss' in r])
+  assert {'train/loss', 'train/loss_mask', 'train/loss_corr', 'train/acc_pos', 'train/acc_neg',
+          'train/pairs_per_s', 'train/learning_rate', 'train/grad_norm'} <= keys
+  # Validation at step 0 (before), at the end of warm-up (2), of each epoch (5, 8).
+  val_steps = sorted({r['step'] for r in records if 'val/mask_iou' in r})
+  assert val_steps == [0, 2, 5, 8]
+  assert summary['before']['num_pairs'] == summary['after']['num_pairs'] == 4
+  assert 0.0 <= summary['after']['mask_iou'] <= 1.0
+  best = json.load(open(os.path.join(workdir, 'summary.json')))['best']
+  assert best['step'] in (2, 5, 8) and best['metric'] == 'mask_iou'
+  # Exported checkpoints load like converted ones (every other tool uses them).
+  params, config = checkpoints.load_model(os.path.join(workdir, 'model'))
+  assert config.backbone == 'small_convnet' and config.feature_dim == 16
+  # The learning rate follows warm-up from 0.
+  lrs = {r['step']: r['train/learning_rate'] for r in records if 'train/learning_rate' in r}
+  assert lrs[1] == 0.0 and lrs[2] == pytest.approx(5e-4) and lrs[3] == pytest.approx(1e-3)
+
+
+def test_resume_ends_with_the_same_parameters(train_dataset, uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'resumed')
+  first = train.train_and_evaluate(tiny_config(train_dataset, num_epochs=2), workdir)   # 5 steps
+  assert first['steps'] == 5
+  second = train.train_and_evaluate(tiny_config(train_dataset), workdir)                # 5 -> 8
+  assert second['steps'] == 8
+  assert_trees_equal(final_params(workdir), final_params(uninterrupted[0]))
+  assert train_losses(workdir) == train_losses(uninterrupted[0])
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(train_dataset, uninterrupted,
+                                                                       tmp_path):
+  workdir = str(tmp_path / 'preempted')
+
+  def send_sigterm_after_the_first_steps():
+    deadline = time.time() + 300
+    while time.time() < deadline and len(train_losses(workdir)) < 2:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  killer = threading.Thread(target=send_sigterm_after_the_first_steps, daemon=True)
+  killer.start()
+  with pytest.raises(SystemExit) as stopped:
+    train.train_and_evaluate(tiny_config(train_dataset), workdir)
+  killer.join()
+  assert stopped.value.code == train.PREEMPTED_EXIT_CODE
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert saved and 2 <= saved[-1] < 8
+  summary = train.train_and_evaluate(tiny_config(train_dataset), workdir)
+  assert summary['steps'] == 8
+  assert_trees_equal(final_params(workdir), final_params(uninterrupted[0]))
+
+
+def test_initialising_from_an_exported_model(train_dataset, uninterrupted, tmp_path):
+  config = tiny_config(train_dataset, init_checkpoint=os.path.join(uninterrupted[0], 'model'))
+  model_config = train.build_model_config(config)
+  assert_trees_equal(train.initial_model_params(config, model_config), final_params(uninterrupted[0]))
+  other = tiny_config(train_dataset, init_checkpoint=os.path.join(uninterrupted[0], 'model'),
+                      **{'model.block_types': 'I C I N'})
+  with pytest.raises(train.TrainError, match='other settings'):
+    train.initial_model_params(other, train.build_model_config(other))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_two_devices_match_one_process_of_four(train_dataset, uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'two_processes')
+  port = _free_port()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu',
+         'PYTHONPATH': REPO}
+  processes = [subprocess.Popen(
+      command_line(train_dataset, workdir, num_epochs=2) + [
+          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for (out, err), process in zip(outputs, processes):
+    assert process.returncode == 0, err[-3000:]
+  assert 'held-out pairs after 5 steps' in outputs[0][0]
+  assert 'held-out pairs after' not in outputs[1][0]  # only process 0 reports
+  two = train_losses(workdir)
+  one = train_losses(uninterrupted[0])
+  assert sorted(two) == [1, 2, 3, 4, 5]
+  for step in two:
+    assert two[step] == pytest.approx(one[step], abs=1e-5)
+
+
+def test_hard_negative_miner(train_dataset, tmp_path):
+  config = tiny_config(train_dataset, train_backbone=False,
+                       **{'hard_mining.enabled': True, 'hard_mining.pool_size': 4,
+                          'hard_mining.round_steps': 3, 'hard_mining.num_hard': 2,
+                          'hard_mining.batch_size': 2})
+  model_config = train.build_model_config(config)
+  from segswap_jax import train_step as train_step_lib
+  state, frozen = train_step_lib.create_train_state(train.initial_model_params(config, model_config),
+                                                    train.training_settings(config))
+  params = train_step_lib.replicate(state.params)
+  frozen = train_step_lib.replicate(frozen)
+  miner = hard_mining.HardNegativeMiner(train_dataset, model_config, config, str(tmp_path))
+  first = miner.negatives(0, params, frozen)
+  assert first['hard_feat_a'].shape == (jax.local_device_count(), 2, 8, 8, 16)
+  assert first['hard_feat_a'].dtype == np.float16
+  np.testing.assert_allclose(np.linalg.norm(first['hard_feat_a'].astype(np.float32), axis=-1), 1.0,
+                             atol=2e-3)
+  stored = np.load(os.path.join(str(tmp_path), 'hard_mining', 'round_0.npz'))
+  assert stored['scores'].shape == (6,) and len(stored['pool']) == 4   # 4 pool images, 6 pairs
+  assert np.all((stored['scores'] == 0) | (stored['scores'] > 0.04))
+  # A fresh miner (a resumed run) reads the round's scores back and draws the same negatives.
+  again = hard_mining.HardNegativeMiner(train_dataset, model_config, config, str(tmp_path))
+  for key in first:
+    np.testing.assert_array_equal(again.negatives(0, params, frozen)[key], first[key])
+  assert not np.array_equal(again.negatives(1, params, frozen)['hard_feat_a'], first['hard_feat_a'])
+
+
+def test_draw_negatives_follows_the_scores():
+  rng = np.random.default_rng(0)
+  scores = np.array([0.0, 1.0, 3.0, 0.0])
+  counts = np.bincount([hard_mining.draw_negatives(scores, 1, rng)[0] for _ in range(4000)], minlength=4)
+  assert counts[0] == counts[3] == 0
+  assert counts[2] / counts[1] == pytest.approx(3.0, rel=0.15)
+  both = hard_mining.draw_negatives(scores, 2, rng)
+  assert sorted(both.tolist()) == [1, 2]   # without replacement
+  assert len(hard_mining.draw_negatives(np.zeros(5), 3, rng)) == 3   # uniform fallback
+  assert hard_mining.pool_pairs(4).tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+
+
+def test_a_short_hard_mining_run(train_dataset, tmp_path):
+  config = tiny_config(train_dataset, train_backbone=False, num_epochs=2, warmup_steps=0,
+                       **{'hard_mining.enabled': True, 'hard_mining.pool_size': 4,
+                          'hard_mining.round_steps': 2, 'hard_mining.num_hard': 1,
+                          'hard_mining.batch_size': 2})
+  summary = train.train_and_evaluate(config, str(tmp_path / 'stage2'))
+  assert summary['steps'] == 3
+  assert sorted(os.listdir(str(tmp_path / 'stage2' / 'hard_mining'))) == ['round_0.npz', 'round_1.npz']
+
+
+def test_a_workdir_of_another_model_is_refused_and_left_alone(train_dataset, uninterrupted):
+  workdir = uninterrupted[0]
+  before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+  with pytest.raises(train.TrainError, match=r'another model \(differs in: d_model, size\)'):
+    train.train_and_evaluate(tiny_config(train_dataset, **{'model.size': 'small'}), workdir)
+  after = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+  assert before == after
+
+
+def test_a_dataset_with_wrong_feature_shapes_is_refused(train_dataset, tmp_path):
+  source = builder.data_source(train_dataset, 'train')
+  examples = []
+  for index in range(2):
+    example = dict(source[index])
+    example['mask_a'] = np.zeros((5, 5), np.float32)   # 128 px pairs need 8 x 8 maps
+    example['source'] = 'bundled'
+    examples.append((index, example))
+  data_dir = str(tmp_path / 'broken')
+  builder.write_dataset(data_dir, 'bundled', {'train': lambda: iter(examples),
+                                              'validation': lambda: iter(examples)}, {'image_size': 128})
+  with pytest.raises(train.TrainError, match=r'feature mask_a has shape \(5, 5\), expected \(8, 8\)'):
+    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / 'workdir'))
+  with pytest.raises(train.TrainError, match='holds 128x128 pairs, the config trains at 256'):
+    train.train_and_evaluate(tiny_config(train_dataset, **{'data.image_size': 256}), str(tmp_path / 'w2'))
+  assert not os.path.exists(str(tmp_path / 'w2' / 'checkpoints'))
+
+
+def test_cli_errors_are_one_line(train_dataset, tmp_path):
+  env = {**os.environ, 'PYTHONPATH': REPO}
+  for extra, expected in ((['--config.no_such_key=1'], 'unknown config key'),
+                          (['--config.batch_neg=7'], 'in-batch negatives')):
+    result = subprocess.run(command_line(train_dataset, str(tmp_path / 'w')) + extra, cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
