@@ -68,6 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 8            # per device
   config.brueghel_dir = ''              # Brueghel folder: validation mAP picks the best checkpoint
   config.brueghel_batch_size = 32
+  config.brueghel_db_size = 640         # the reference's database side and query crop (quick checks: less)
+  config.brueghel_box_size = 64         # the reference's query box side
   config.vis_num_pairs = 6              # held-out pairs drawn in predictions.png
 
   # -- stage 2 (configs/hardmining.py) ----------------------------------------------------------------------

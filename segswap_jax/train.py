@@ -381,11 +381,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   def validate(step: int, label: str) -> Dict[str, float]:
     result = evaluator.evaluate(state.params, frozen)
     if config.brueghel_dir:
+      cache_dir = os.path.join(workdir, 'brueghel_cache')
+      if config.train_backbone and jax.process_index() == 0:
+        import shutil  # a trained backbone's features are stale at the next validation
+        shutil.rmtree(cache_dir, ignore_errors=True)
+      barrier('brueghel_cache')
       trainable = train_step_lib.unreplicate(state.params)
       value = validation.brueghel_map(
           config.brueghel_dir, train_step_lib.merge_params(trainable, train_step_lib.unreplicate(frozen)),
-          model_config, config.brueghel_batch_size, os.path.join(workdir, 'brueghel_cache'),
-          os.path.join(workdir, 'brueghel.partial'))
+          model_config, config.brueghel_batch_size, cache_dir, os.path.join(workdir, 'brueghel.partial'),
+          config.brueghel_db_size, config.brueghel_box_size)
       result['brueghel_map'] = _broadcast(value)
     writer.write(step, {f'val/{k}': v for k, v in result.items()})
     if jax.process_index() == 0:

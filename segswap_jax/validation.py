@@ -125,14 +125,17 @@ class HeldOutEvaluator:
 
 
 def brueghel_map(brueghel_dir: str, model_params: dict, model_config, batch_size: int,
-                 cache_dir: str, work_dir: str) -> Optional[float]:
-  """Brueghel validation mAP (SPEC §6 on `brueghelVal.json`), as the reference selects checkpoints."""
+                 cache_dir: str, work_dir: str, db_size: int = 640, box_size: int = 64) -> Optional[float]:
+  """Brueghel validation mAP (SPEC §6 on `brueghelVal.json`), as the reference selects checkpoints.
+
+  Returns the mAP on process 0, None on the others (`eval.brueghel.evaluate` gathers on process 0).
+  """
   import shutil
   from eval import brueghel
   shutil.rmtree(work_dir, ignore_errors=True)  # its per-query results belong to older weights
   results = brueghel.evaluate(brueghel_dir, 'val', model_params, model_config, batch_size,
-                              cache_dir=cache_dir, work_dir=work_dir)
+                              cache_dir=cache_dir, work_dir=work_dir, db_size=db_size, box_size=box_size)
   shutil.rmtree(work_dir, ignore_errors=True)
-  if results is None:  # processes other than 0
+  if results is None:
     return None
   return float(results['retrieval_map'])

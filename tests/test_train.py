@@ -24,6 +24,7 @@ from segswap_jax import hard_mining
 from segswap_jax import train
 from segswap_jax import train_logging
 from test_data_support import small_config
+from test_eval_brueghel import brueghel_dir  # noqa: F401 (fixture: a miniature Brueghel folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_OVERRIDES = {
@@ -268,3 +269,23 @@ def test_cli_errors_are_one_line(train_dataset, tmp_path):
     lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
+
+
+def test_brueghel_validation_picks_the_best_checkpoint(train_dataset, brueghel_dir, tmp_path):
+  from eval import brueghel
+  workdir = str(tmp_path / 'with_brueghel')
+  config = tiny_config(train_dataset, num_epochs=2, brueghel_dir=str(brueghel_dir), brueghel_db_size=128,
+                       brueghel_box_size=32, brueghel_batch_size=2)
+  summary = train.train_and_evaluate(config, workdir)
+  records = [r for r in train_logging.read_metrics(workdir) if 'val/brueghel_map' in r]
+  assert [r['step'] for r in records] == [0, 2, 5]
+  assert summary['best']['metric'] == 'brueghel_map'
+  best_step = summary['best']['step']
+  assert summary['best']['value'] == max(r['val/brueghel_map'] for r in records if r['step'] > 0)
+  # The kept model scores what validation said, when evaluated on its own.
+  params, model_config = checkpoints.load_model(os.path.join(workdir, 'best'))
+  again = brueghel.evaluate(str(brueghel_dir), 'val', params, model_config, 2,
+                            cache_dir=str(tmp_path / 'cache'), work_dir=str(tmp_path / 'partial'),
+                            db_size=128, box_size=32)
+  expected = next(r['val/brueghel_map'] for r in records if r['step'] == best_step)
+  assert again['retrieval_map'] == pytest.approx(expected, abs=1e-6)
