@@ -411,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     _write_json(summary_path, summary)
 
   num_devices_total = jax.device_count()
-  history, window_start = [], time.time()
+  window, window_start = [], time.time()   # the step metrics since the last log line (on device)
   step = start_step
   progress = _progress_bar(start_step, config.num_train_steps)
   preemption = _Preemption()
@@ -421,23 +421,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       if miner is not None:
         batch.update(miner.negatives(step, state.params, frozen))
       state, metrics = p_step(state, batch, frozen)
+      window.append(metrics)
       step += 1
       progress.update(1)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        history.append(_host_metrics(metrics))
-        elapsed = time.time() - window_start
-        scalars = _mean_metrics(history)
+        scalars = _mean_metrics([_host_metrics(m) for m in window])
         if not all(np.isfinite(v) for v in scalars.values()):
-          raise TrainError(f'non-finite loss or gradient between steps {step - len(history) * 0} '
-                           f'and {step}: {scalars}; lower config.learning_rate or set grad_clip_norm')
-        steps_done = step - (progress.last_logged or start_step)
-        scalars['steps_per_s'] = steps_done / max(elapsed, 1e-9)
+          raise TrainError(f'non-finite loss or gradient between steps {step - len(window) + 1} and '
+                           f'{step}: {scalars}; lower config.learning_rate or set grad_clip_norm')
+        scalars['steps_per_s'] = len(window) / max(time.time() - window_start, 1e-9)
         scalars['pairs_per_s'] = scalars['steps_per_s'] * config.batch_pos * num_devices_total
         writer.write(step, {f'train/{k}': v for k, v in scalars.items()})
         progress.set_postfix(loss=f'{scalars["loss"]:.3f}', corr=f'{scalars["loss_corr"]:.3f}',
                              acc_pos=f'{scalars["acc_pos"]:.2f}', acc_neg=f'{scalars["acc_neg"]:.2f}')
-        progress.last_logged = step
-        history, window_start = [], time.time()
+        window, window_start = [], time.time()
       stop = any_process(preemption.requested) if jax.process_count() > 1 else preemption.requested
       if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         store.save(step, train_step_lib.unreplicate(state), data_iterator)
@@ -449,11 +446,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         writer.close()
         raise SystemExit(PREEMPTED_EXIT_CODE)
       if _is_eval_step(step, config):
+        paused = time.time()
         result = validate(step, f'epoch {(step - config.warmup_steps) // max(config.eval_every_steps, 1)}'
                           if step != config.num_train_steps else 'final')
         keep_if_best(step, result)
         summary.setdefault('validation', {})[str(step)] = result
         _write_json(summary_path, summary)
+        window_start += time.time() - paused  # steps/s counts training only
   progress.close()
   store.wait()
 
@@ -492,10 +491,8 @@ def _broadcast(value: Optional[float]) -> float:
 
 def _progress_bar(start: int, total: int):
   from tqdm import tqdm
-  bar = tqdm(total=total, initial=start, unit='step', desc='train', dynamic_ncols=True,
-             disable=jax.process_index() != 0, mininterval=2.0)
-  bar.last_logged = start
-  return bar
+  return tqdm(total=total, initial=start, unit='step', desc='train', dynamic_ncols=True,
+              disable=jax.process_index() != 0, mininterval=2.0)
 
 
 def _read_json(path: str):

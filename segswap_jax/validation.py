@@ -110,8 +110,8 @@ class HeldOutEvaluator:
     return -(-self.num_pairs // jax.process_count())
 
   def draw(self, params, frozen, num_pairs: int, title: str = '') -> np.ndarray:
-    """A picture of the first held-out pairs: predicted masks (outlined at 0.5), correspondence lines
-    from A's confident cells, GT mask IoU in each row's title. Collective (every process calls it,
+    """A picture of the first held-out pairs: predicted masks (tinted, outlined at 0.5 in yellow), GT
+    masks outlined in light blue, correspondence lines from A's confident cells, mask IoU in the titles. Collective (every process calls it,
     each draws pairs of its own share)."""
     batch, out_a, out_b = self.predict(params, frozen, num_pairs)
     rows = []
@@ -119,8 +119,10 @@ class HeldOutEvaluator:
       iou_a = float(losses.mask_iou(out_a[i, ..., 2], batch['mask_a'][i]))
       iou_b = float(losses.mask_iou(out_b[i, ..., 2], batch['mask_b'][i]))
       rows.append(visualize.draw_pair(
-          to_uint8(batch['image_a'][i]), to_uint8(batch['image_b'][i]), out_a[i], out_b[i],
-          title=f'{title}held-out pair {i}: mask IoU A {iou_a:.2f}, B {iou_b:.2f}'))
+          visualize.enlarge(to_uint8(batch['image_a'][i]), 256),
+          visualize.enlarge(to_uint8(batch['image_b'][i]), 256), out_a[i], out_b[i],
+          title=f'{title}held-out pair {i}: mask IoU A {iou_a:.2f}, B {iou_b:.2f}',
+          gt_mask_a=batch['mask_a'][i], gt_mask_b=batch['mask_b'][i]))
     return visualize.stack_rows(rows)
 
 

@@ -26,11 +26,26 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, color=MASK_COLOR, alpha: f
   tint = np.asarray(color, np.float32)[None, None]
   out = image.astype(np.float32) * (1 - alpha * soft) + tint * alpha * soft
   out = np.clip(out, 0, 255).astype(np.uint8)
-  if contour:
-    binary = (soft[..., 0] > 0.5).astype(np.uint8)
-    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(out, contours, -1, (255, 255, 0), 2)
+  return outline_mask(out, mask) if contour else out
+
+
+def outline_mask(image: np.ndarray, mask: np.ndarray, color=(255, 255, 0), thickness: int = 2,
+                 threshold: float = 0.5) -> np.ndarray:
+  """Draws the outline of `mask > threshold` (a `(h, w)` map, upsampled to the image) on a copy."""
+  binary = (upsample_map(mask, image.shape[:2]) > threshold).astype(np.uint8)
+  contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+  out = image.copy()
+  cv2.drawContours(out, contours, -1, color, thickness)
   return out
+
+
+def enlarge(image: np.ndarray, min_side: int) -> np.ndarray:
+  """Upscales (bilinear) so the shorter side is at least `min_side`, for pictures of small inputs."""
+  factor = int(np.ceil(min_side / min(image.shape[:2])))
+  if factor <= 1:
+    return image
+  return cv2.resize(image, (image.shape[1] * factor, image.shape[0] * factor),
+                    interpolation=cv2.INTER_LINEAR)
 
 
 def _pad_to_height(image: np.ndarray, height: int) -> np.ndarray:
@@ -87,11 +102,20 @@ def put_title(image: np.ndarray, text: str) -> np.ndarray:
   return np.concatenate([strip, image], axis=0)
 
 
+GT_COLOR = (0, 200, 255)
+
+
 def draw_pair(image_a: np.ndarray, image_b: np.ndarray, out_a: np.ndarray, out_b: np.ndarray,
-              title: Optional[str] = None, num_lines: int = 20) -> np.ndarray:
-  """One pair: both images with their predicted masks, lines from A's confident cells into B."""
+              title: Optional[str] = None, num_lines: int = 20, gt_mask_a: Optional[np.ndarray] = None,
+              gt_mask_b: Optional[np.ndarray] = None) -> np.ndarray:
+  """One pair: both images with their predicted masks (tint, yellow outline at 0.5), lines from A's
+  confident cells into B, and the ground-truth masks outlined in light blue when given."""
   left = overlay_mask(image_a, out_a[..., 2])
   right = overlay_mask(image_b, out_b[..., 2])
+  if gt_mask_a is not None:
+    left = outline_mask(left, gt_mask_a, GT_COLOR, 1)
+  if gt_mask_b is not None:
+    right = outline_mask(right, gt_mask_b, GT_COLOR, 1)
   canvas = side_by_side(left, right)
   canvas = correspondence_lines(canvas, left.shape[1], image_a.shape[:2], image_b.shape[:2], out_a[..., :2],
                                 out_a[..., 2], num_lines=num_lines)
