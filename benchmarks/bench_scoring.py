@@ -67,6 +67,11 @@ def main(quick: bool = False) -> str:
   backbone_s = _timed(lambda: scorer.features(images), 1) / batch
   batched_s = _timed(lambda: scorer.score(feats[0], num_candidates, read), 1) / num_candidates
   query_s = _timed(lambda: (scorer.features(images[:1]), scorer.query_mask(feats[0])), 1)
+  # Small batches too: on a CPU the (pairs, heads, 1200, 1200) attention logits of large batches
+  # overflow the caches, so fewer pairs per call can be faster (on accelerators the opposite holds).
+  small = balanced_batch_size(num_candidates, 4, jax.local_device_count())
+  small_scorer = CandidateScorer(params, config, batch_size=small)
+  small_s = _timed(lambda: small_scorer.score(feats[0], num_candidates, read), 1) / num_candidates
 
   loop = ReferenceLoopScorer(params, config)
   loop_full_s = _timed(lambda: loop.score(feats[0], list(images[:loop_candidates]), from_images=True),
@@ -74,8 +79,9 @@ def main(quick: bool = False) -> str:
   loop_cached_s = _timed(lambda: loop.score(feats[0], list(cached[:loop_candidates])), 1) / loop_candidates
 
   pairs = TOKYO_QUERIES * TOKYO_TOPK
-  ours_h = (pairs * batched_s + TOKYO_QUERIES * query_s + pairs * backbone_s) / 3600  # cache upper bound
-  ours_warm_h = (pairs * batched_s + TOKYO_QUERIES * query_s) / 3600
+  best_s = min(batched_s, small_s)
+  ours_h = (pairs * best_s + TOKYO_QUERIES * query_s + pairs * backbone_s) / 3600  # cache upper bound
+  ours_warm_h = (pairs * best_s + TOKYO_QUERIES * query_s) / 3600
   ref_h = pairs * loop_full_s / 3600
   device = jax.devices()[0]
   lines = [
@@ -85,14 +91,17 @@ def main(quick: bool = False) -> str:
       '',
       '| path | s / candidate | candidates / s | speed-up vs reference loop |',
       '|---|---:|---:|---:|',
-      f'| batched, cached float16 features | {batched_s:.3f} | {1 / batched_s:.2f} | {loop_full_s / batched_s:.1f}x |',
+      f'| batched ({batch} per call), cached float16 features | {batched_s:.3f} | {1 / batched_s:.2f} | '
+      f'{loop_full_s / batched_s:.1f}x |',
+      f'| batched ({small} per call), cached float16 features | {small_s:.3f} | {1 / small_s:.2f} | '
+      f'{loop_full_s / small_s:.1f}x |',
       f'| reference loop (backbone + transformer at batch 1, Python cells) | {loop_full_s:.3f} | '
       f'{1 / loop_full_s:.2f} | 1.0x |',
       f'| reference loop, cached features (no backbone) | {loop_cached_s:.3f} | {1 / loop_cached_s:.2f} | '
       f'{loop_full_s / loop_cached_s:.1f}x |',
       f'| backbone alone, batched (cache fill, per image) | {backbone_s:.3f} | {1 / backbone_s:.2f} | |',
       '',
-      f'Tokyo 24/7 extrapolation ({TOKYO_QUERIES} queries x {TOKYO_TOPK} candidates): batched '
+      f'Tokyo 24/7 extrapolation ({TOKYO_QUERIES} queries x {TOKYO_TOPK} candidates, the faster batch): batched '
       f'{ours_warm_h:.2f} h with a warm cache, at most {ours_h:.2f} h including filling the cache '
       f'(every candidate distinct); reference-style loop {ref_h:.2f} h.',
   ]

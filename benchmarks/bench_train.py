@@ -8,27 +8,12 @@ The step is the one `segswap_jax.train` runs (jitted on one device here; pmap ru
 device). Batches are random arrays of the loader's format: the speed does not depend on their values.
 """
 import jax
-import numpy as np
 
 from benchmarks import bench_matmul_peak, timing
 from configs import coco, demo
 from segswap_jax import model as model_lib
 from segswap_jax import train
 from segswap_jax import train_step as train_step_lib
-
-
-def random_batch(batch_pos: int, size: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  cells = size // 16
-  mask = (rng.random((batch_pos, cells, cells)) > 0.7).astype(np.float32)
-  return {
-      'image_a': rng.standard_normal((batch_pos, size, size, 3)).astype(np.float32),
-      'image_b': rng.standard_normal((batch_pos, size, size, 3)).astype(np.float32),
-      'corr_a': rng.random((batch_pos, cells, cells, 2)).astype(np.float32),
-      'corr_b': rng.random((batch_pos, cells, cells, 2)).astype(np.float32),
-      'mask_a': mask, 'mask_b': mask,
-      'pad_b': rng.random((batch_pos, cells, cells)) > 0.5,
-  }
 
 
 def measure(config, repeats: int):
@@ -38,7 +23,7 @@ def measure(config, repeats: int):
   params = model_lib.init_params(model_config, jax.random.PRNGKey(0))
   state, frozen = train_step_lib.create_train_state(params, settings)
   step = jax.jit(train_step_lib.make_train_step(model_config, settings, axis_name=None))
-  batch = random_batch(config.batch_pos, config.data.image_size)
+  batch = train_step_lib.random_batch(config.batch_pos, config.data.image_size)
   flops = timing.compiled_flops(step, state, batch, frozen)
   best, _ = timing.time_call(lambda: step(state, batch, frozen), repeats=repeats)
   return best, flops

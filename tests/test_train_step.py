@@ -27,17 +27,7 @@ def settings(**overrides):
 
 
 def random_batch(seed, batch=3, size=64):
-  rng = np.random.default_rng(seed)
-  cells = size // 16
-  mask = (rng.random((batch, cells, cells)) > 0.5).astype(np.float32)
-  return {
-      'image_a': rng.standard_normal((batch, size, size, 3)).astype(np.float32),
-      'image_b': rng.standard_normal((batch, size, size, 3)).astype(np.float32),
-      'corr_a': rng.random((batch, cells, cells, 2)).astype(np.float32),
-      'corr_b': rng.random((batch, cells, cells, 2)).astype(np.float32),
-      'mask_a': mask, 'mask_b': mask[:, ::-1].copy(),
-      'pad_b': np.zeros((batch, cells, cells), bool),
-  }
+  return train_step_lib.random_batch(batch, size, seed)
 
 
 def init(model_config, config):
