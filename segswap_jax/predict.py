@@ -36,7 +36,8 @@ def predict(checkpoint: str, query: str, targets, image_size=(480, 640), batch_s
 def draw(result: dict, names) -> np.ndarray:
   rows = []
   for i, name in enumerate(names):
-    rows.append(visualize.draw_pair(result['query_image'], result['target_images'][i], result['out_query'][i],
+    rows.append(visualize.draw_pair(visualize.enlarge(result['query_image'], 256),
+                                    visualize.enlarge(result['target_images'][i], 256), result['out_query'][i],
                                     result['out_targets'][i],
                                     title=f'query vs {os.path.basename(name)}: score {result["scores"][i]:.3f}'))
   return visualize.stack_rows(rows)

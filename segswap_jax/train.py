@@ -311,7 +311,7 @@ class _Preemption:
       self.requested = True
     try:
       previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (tests call train_and_evaluate from threads)
+    except ValueError:  # not the main thread, where Python cannot install signal handlers
       yield self
       return
     try:
@@ -325,8 +325,8 @@ def _host_metrics(metrics) -> Dict[str, float]:
   return {k: float(v) for k, v in train_step_lib.unreplicate(metrics).items()}
 
 
-def _mean_metrics(history) -> Dict[str, float]:
-  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+def _mean_metrics(records) -> Dict[str, float]:
+  return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
 def _is_eval_step(step: int, config) -> bool:
@@ -373,7 +373,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   miner = None
   if config.hard_mining.enabled:
     from segswap_jax import hard_mining
-    miner = hard_mining.HardNegativeMiner(dataset_dir, model_config, config, workdir)
+    try:
+      miner = hard_mining.HardNegativeMiner(dataset_dir, model_config, config, workdir)
+    except ValueError as e:
+      raise TrainError(f'config.{e}') from e
   writer = train_logging.MetricWriter(workdir, enabled=jax.process_index() == 0)
   summary_path = os.path.join(workdir, 'summary.json')
   summary = _read_json(summary_path) or {}
