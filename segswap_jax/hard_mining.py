@@ -192,6 +192,7 @@ class HardNegativeMiner:
     self._round = round_index
 
   def round_summary(self) -> Dict[str, float]:
+    """How hard the current round's pool is: pairs scoring above `min_score`, the best score."""
     return {'hard_pairs_above_min_score': int(np.sum(self._scores > self.settings.min_score)),
             'hard_score_max': float(self._scores.max())}
 

@@ -423,6 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       batch = next(data_iterator)
       if miner is not None:
         batch.update(miner.negatives(step, state.params, frozen))
+        if step % config.hard_mining.round_steps == 0:  # a new round was just scored
+          writer.write(step, {f'mining/{k}': v for k, v in miner.round_summary().items()})
       state, metrics = p_step(state, batch, frozen)
       window.append(metrics)
       step += 1

@@ -230,6 +230,8 @@ def test_a_short_hard_mining_run(train_dataset, tmp_path):
   summary = train.train_and_evaluate(config, str(tmp_path / 'stage2'))
   assert summary['steps'] == 3
   assert sorted(os.listdir(str(tmp_path / 'stage2' / 'hard_mining'))) == ['round_0.npz', 'round_1.npz']
+  rounds = [r for r in train_logging.read_metrics(str(tmp_path / 'stage2')) if 'mining/hard_score_max' in r]
+  assert [r['step'] for r in rounds] == [0, 2]
 
 
 def test_a_workdir_of_another_model_is_refused_and_left_alone(train_dataset, uninterrupted):
