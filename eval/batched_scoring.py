@@ -27,6 +27,7 @@ from eval.retrieval import DataError
 from segswap_jax import geometry
 from segswap_jax import model as model_lib
 from segswap_jax import scoring
+from segswap_jax.multihost import barrier  # noqa: F401 (callers pass batched_scoring.barrier)
 
 
 def backbone_features(backbone, backbone_vars, images, denormalize: bool = False):
@@ -230,12 +231,6 @@ def gather_rows(local: np.ndarray, num_queries: int) -> np.ndarray:
     rows = query_shard(num_queries, pid, count)
     out[rows] = stacked[pid, :len(rows)]
   return out
-
-
-def barrier(tag: str) -> None:
-  """Blocks until every process reaches the same tag (no-op for one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(tag)
 
 
 def initialize_distributed(coordinator_address: Optional[str], num_processes: int, process_id: int) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 
 from data_pipeline import builder
 from segswap_jax import model as model_lib
+from segswap_jax import multihost
 from segswap_jax import train_step as train_step_lib
 
 
@@ -91,16 +92,6 @@ def _shard_of(count: int) -> Tuple[int, int]:
   per_process = -(-count // jax.process_count())
   start = min(count, jax.process_index() * per_process)
   return start, min(count, start + per_process)
-
-
-def _allgather_concat(values: np.ndarray, count: int) -> np.ndarray:
-  if jax.process_count() == 1:
-    return values
-  from jax.experimental import multihost_utils
-  per_process = -(-count // jax.process_count())
-  padded = np.zeros(per_process, values.dtype)
-  padded[:len(values)] = values
-  return multihost_utils.process_allgather(padded).reshape(-1)[:count]
 
 
 class HardNegativeMiner:
@@ -182,7 +173,7 @@ class HardNegativeMiner:
                              np.zeros((share - (stop - start), 2), self.pairs.dtype)])
       gather = lambda first, second: self._score(params, feats[first], feats[second])
       local = self._run_batched(gather, [mine[:, 0], mine[:, 1]], self.settings.batch_size)
-      scores = _allgather_concat(local[:stop - start].astype(np.float32), len(self.pairs))
+      scores = multihost.concat_over_processes(local[:stop - start].astype(np.float32))
       scores = np.where(scores > self.settings.zero_below, scores, 0.0).astype(np.float32)
       self._scores = scores
       if jax.process_index() == 0:

@@ -42,6 +42,7 @@ from data_pipeline.errors import DataError
 from segswap_jax import checkpoints
 from segswap_jax import config_cli
 from segswap_jax import model as model_lib
+from segswap_jax import multihost
 from segswap_jax import train_logging
 from segswap_jax import train_step as train_step_lib
 from segswap_jax import validation
@@ -123,7 +124,7 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> str:
       from data_pipeline import generate
       print(f'pairs: making or finding {config.data.generate_config} pairs under {data_dir}', flush=True)
       generate.generate(data_config, data_dir)
-    barrier('dataset')
+    multihost.barrier('dataset')
   if not data_dir:
     raise TrainError('no training pairs: set --config.data.data_dir (a data_pipeline.generate output) '
                      'or --config.data.generate_config')
@@ -225,20 +226,6 @@ def record_configs(workdir: str, model_config, config) -> None:
     f.write(model_config.to_json(indent=2, sort_keys=True))
 
 
-def barrier(tag: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(tag)
-
-
-def any_process(flag: bool) -> bool:
-  """True when `flag` is set in any process (the same answer everywhere)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-
-
 class CheckpointStore:
   """Orbax CheckpointManager of the train state and the data iterators (one state file per process)."""
 
@@ -286,14 +273,14 @@ def export_model(directory: str, trainable, frozen, model_config, metadata: dict
   temporary = directory + '.tmp'
   if jax.process_index() == 0:
     shutil.rmtree(temporary, ignore_errors=True)
-  barrier(f'export_start:{directory}')
+  multihost.barrier(f'export_start:{directory}')
   checkpoints.save_model(temporary, train_step_lib.merge_params(trainable, frozen), model_config,
                          metadata)
-  barrier(f'export_written:{directory}')
+  multihost.barrier(f'export_written:{directory}')
   if jax.process_index() == 0:
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(temporary, directory)
-  barrier(f'export_done:{directory}')
+  multihost.barrier(f'export_done:{directory}')
 
 
 # -- the loop -------------------------------------------------------------------------------------------
@@ -388,13 +375,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       if config.train_backbone and jax.process_index() == 0:
         import shutil  # a trained backbone's features are stale at the next validation
         shutil.rmtree(cache_dir, ignore_errors=True)
-      barrier('brueghel_cache')
+      multihost.barrier('brueghel_cache')
       trainable = train_step_lib.unreplicate(state.params)
       value = validation.brueghel_map(
           config.brueghel_dir, train_step_lib.merge_params(trainable, train_step_lib.unreplicate(frozen)),
           model_config, config.brueghel_batch_size, cache_dir, os.path.join(workdir, 'brueghel.partial'),
           config.brueghel_db_size, config.brueghel_box_size)
-      result['brueghel_map'] = _broadcast(value)
+      result['brueghel_map'] = multihost.from_first_process(value)
     writer.write(step, {f'val/{k}': v for k, v in result.items()})
     if jax.process_index() == 0:
       print(f'validation at step {step} ({label}): ' + format_validation(result), flush=True)
@@ -440,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         progress.set_postfix(loss=f'{scalars["loss"]:.3f}', corr=f'{scalars["loss_corr"]:.3f}',
                              acc_pos=f'{scalars["acc_pos"]:.2f}', acc_neg=f'{scalars["acc_neg"]:.2f}')
         window, window_start = [], time.time()
-      stop = any_process(preemption.requested) if jax.process_count() > 1 else preemption.requested
+      stop = multihost.any_process(preemption.requested)
       if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         store.save(step, train_step_lib.unreplicate(state), data_iterator)
       if stop:
@@ -485,13 +472,6 @@ def format_validation(result: Dict[str, float]) -> str:
   if 'brueghel_map' in result:
     text += f', Brueghel val mAP {100 * result["brueghel_map"]:.1f}'
   return text
-
-
-def _broadcast(value: Optional[float]) -> float:
-  if jax.process_count() == 1:
-    return float(value)
-  from jax.experimental import multihost_utils
-  return float(multihost_utils.broadcast_one_to_all(np.float64(value if value is not None else 0.0)))
 
 
 def _progress_bar(start: int, total: int):

@@ -18,6 +18,7 @@ import numpy as np
 
 from data_pipeline import loader as loader_lib
 from segswap_jax import losses
+from segswap_jax import multihost
 from segswap_jax import train_step as train_step_lib
 from segswap_jax import visualize
 from segswap_jax.model import IMAGENET_MEAN, IMAGENET_STD
@@ -27,18 +28,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   """ImageNet-normalised float `(..., H, W, 3)` -> RGB uint8."""
   pixels = images * (np.asarray(IMAGENET_STD) * 255.0) + np.asarray(IMAGENET_MEAN) * 255.0
   return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
-
-
-def _gather(values: np.ndarray) -> np.ndarray:
-  """Concatenates a 1-D array over JAX processes (identity for one process)."""
-  if jax.process_count() == 1:
-    return values
-  from jax.experimental import multihost_utils
-  sizes = multihost_utils.process_allgather(np.array([len(values)]))
-  padded = np.full(int(sizes.max()), np.nan, values.dtype)
-  padded[:len(values)] = values
-  gathered = multihost_utils.process_allgather(padded)
-  return np.concatenate([row[:int(n)] for row, n in zip(gathered, sizes.reshape(-1))])
 
 
 class HeldOutEvaluator:
@@ -96,8 +85,8 @@ class HeldOutEvaluator:
         ious.append(np.asarray(losses.mask_iou(out[..., 2], mask)))
         error = np.asarray(losses.correspondence_error_cells(out[..., :2], corr))
         errors.append(error[mask > 0.5])
-    ious = _gather(np.concatenate(ious).astype(np.float64))
-    errors = _gather(np.concatenate(errors).astype(np.float64))
+    ious = multihost.concat_over_processes(np.concatenate(ious).astype(np.float64))
+    errors = multihost.concat_over_processes(np.concatenate(errors).astype(np.float64))
     return {
         'mask_iou': float(np.mean(ious)),
         'corr_error_median': float(np.median(errors)) if errors.size else float('nan'),
