@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_neg = 15                 # in-batch negatives per device
   config.warp_mask = True
   config.eta_corr = 8.0
+  config.corr_cells = 'peak'            # L_corr's cells: the reference's GT-mask maximum, or 'foreground'
+  # In-batch negatives whose images show one scene are not negatives (the reference has no scene ids;
+  # on COCO such collisions are ~1e-5 of negatives, on an 11-photo collection a quarter).
+  config.drop_shared_scene_negatives = True
   config.swap_prob = 0.5
 
   # -- optimisation -----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Dict, Sequence, Tuple
+import zlib
 
 import cv2
 import numpy as np
@@ -155,6 +156,22 @@ def _decode(example: Dict[str, object], name: str) -> np.ndarray:
   return builder.decode_jpeg(value) if isinstance(value, bytes) else np.asarray(value)
 
 
+UNKNOWN_SCENE = -1
+
+
+def scene_ids(example: Dict[str, object]) -> np.ndarray:
+  """int32 `(2,)`: ids of the scene of A (and its pasted objects) and of B's background.
+
+  Stable hashes of the stored scene keys; UNKNOWN_SCENE for '' or a dataset without them (< 1.1.0).
+  """
+  ids = []
+  for name in ('scene_a', 'scene_background'):
+    key = example.get(name, b'')
+    key = key.encode() if isinstance(key, str) else bytes(key)
+    ids.append(zlib.crc32(key) & 0x7fffffff if key else UNKNOWN_SCENE)
+  return np.asarray(ids, np.int32)
+
+
 def check_size(image: np.ndarray, image_size: int) -> None:
   if image.shape[:2] != (image_size, image_size):
     raise DataError(f'stored pairs are {image.shape[1]}x{image.shape[0]}, the loader was asked for '
@@ -166,7 +183,7 @@ def augment_pair(example: Dict[str, object], rng: np.random.Generator, config: A
   """One stored example (JPEG bytes or arrays) -> one training sample of docs/INTERFACES.md.
 
   Returns: image_a, image_b float32 `(H, W, 3)`; corr_a, corr_b float32 `(h, w, 2)`; mask_a, mask_b
-  float32 `(h, w)`; pad_b bool `(h, w)`.
+  float32 `(h, w)`; pad_b bool `(h, w)`; scenes int32 `(2,)` (`scene_ids`).
   """
   image_a = _decode(example, 'image_a_styled' if rng.random() < config.p_style else 'image_a')
   image_b = _decode(example, 'image_b_styled' if rng.random() < config.p_style else 'image_b')
@@ -179,7 +196,8 @@ def augment_pair(example: Dict[str, object], rng: np.random.Generator, config: A
     corr_a, corr_b, mask_b = warp_ground_truth(tps, corr_a, corr_b, mask_b)
   pad_b = key_padding(mask_b) if rng.random() < config.p_pad else np.zeros(mask_b.shape, bool)
   return {'image_a': normalize(image_a), 'image_b': normalize(image_b), 'corr_a': corr_a,
-          'corr_b': corr_b, 'mask_a': mask_a, 'mask_b': mask_b, 'pad_b': pad_b}
+          'corr_b': corr_b, 'mask_a': mask_a, 'mask_b': mask_b, 'pad_b': pad_b,
+          'scenes': scene_ids(example)}
 
 
 def eval_pair(example: Dict[str, object], index: int, image_size: int,
@@ -198,4 +216,4 @@ def eval_pair(example: Dict[str, object], index: int, image_size: int,
   return {'image_a': normalize(image_a), 'image_b': normalize(image_b),
           'corr_a': np.asarray(example['corr_a']), 'corr_b': np.asarray(example['corr_b']),
           'mask_a': np.asarray(example['mask_a']), 'mask_b': mask_b,
-          'pad_b': np.zeros(mask_b.shape, bool)}
+          'pad_b': np.zeros(mask_b.shape, bool), 'scenes': scene_ids(example)}

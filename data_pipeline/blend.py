@@ -1,4 +1,5 @@
-"""Poisson blending of a pasted object (OpenCV `seamlessClone`, NORMAL_CLONE), exactly in place."""
+"""Pasting an object into a background exactly in place: Poisson blending (OpenCV `seamlessClone`,
+NORMAL_CLONE; the reference) or a plain copy (the paper's copy-paste ablation)."""
 import cv2
 import numpy as np
 
@@ -28,3 +29,19 @@ def poisson_paste(background: np.ndarray, source: np.ndarray, mask: np.ndarray) 
     return background.copy()
   return cv2.seamlessClone(np.ascontiguousarray(source), np.ascontiguousarray(background), mask_u8,
                            (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
+
+
+def copy_paste(background: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Copies the pixels of `source` under `mask` into `background` unchanged (same arguments as
+  `poisson_paste`): the object keeps its colours, and its outline is a hard edge."""
+  return np.where(mask[..., None], source, background).astype(np.uint8)
+
+
+def choose_paste(rng: np.random.Generator, poisson_prob: float):
+  """`poisson_paste` with probability `poisson_prob`, else `copy_paste` (no draw when it is 0 or 1,
+  so the reference setting's random stream is unchanged)."""
+  if poisson_prob >= 1.0:
+    return poisson_paste
+  if poisson_prob <= 0.0:
+    return copy_paste
+  return poisson_paste if rng.random() < poisson_prob else copy_paste

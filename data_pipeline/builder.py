@@ -5,7 +5,10 @@ Features (docs/INTERFACES.md "Stored pairs"):
     with OpenCV (TFDS' own Image encoding needs TensorFlow); `tfds` decodes them on read, or pass
     `decoders=raw_image_decoders()` to get the bytes and decode only what you use (the loader does).
   corr_a, corr_b: float32 (h, w, 2), (x, y) in [0, 1] of the other image;
-  mask_a, mask_b: float32 (h, w); num_objects: int32 (1 or 2); source: text.
+  mask_a, mask_b: float32 (h, w); num_objects: int32 (1 or 2); source: text;
+  scene_a, scene_background: text keys of the scene A (and its pasted objects) comes from and of B's
+    background ('' = unknown, e.g. imported reference pairs); training drops in-batch negatives whose
+    images share a scene (since 1.1.0; 1.0.0 datasets read as unknown).
 Splits: `train` and `validation` (held-out pairs). The generation config is kept in the dataset's
 metadata (`info.metadata['generation']`) and `info.metadata['image_size']`.
 
@@ -27,7 +30,7 @@ import tensorflow_datasets as tfds
 from data_pipeline.errors import DataError
 
 NAME = 'segswap_pairs'
-VERSION = '1.0.0'
+VERSION = '1.1.0'
 SOURCES = ('bundled', 'folder', 'coco', 'reference')
 IMAGE_FEATURES = ('image_a', 'image_b', 'image_a_styled', 'image_b_styled')
 
@@ -46,6 +49,8 @@ def features() -> tfds.features.FeaturesDict:
       'mask_b': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding='zlib'),
       'num_objects': tfds.features.Scalar(dtype=np.int32),
       'source': tfds.features.Text(),
+      'scene_a': tfds.features.Text(),
+      'scene_background': tfds.features.Text(),
   })
 
 
@@ -53,7 +58,10 @@ class SegswapPairs(tfds.core.GeneratorBasedBuilder):
   """Synthetic co-segmentation pairs made by segment swapping (SPEC §3)."""
 
   VERSION = tfds.core.Version(VERSION)
-  RELEASE_NOTES = {str(VERSION): 'Segment-swapping pairs, JPEG images, 16-px-cell ground truth.'}
+  RELEASE_NOTES = {
+      '1.0.0': 'Segment-swapping pairs, JPEG images, 16-px-cell ground truth.',
+      '1.1.0': 'Scene keys of A and of B\'s background (scene_a, scene_background).',
+  }
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='bundled', description="scikit-image's bundled photographs, "
                               'unsupervised segments'),
@@ -92,7 +100,7 @@ class SegswapPairs(tfds.core.GeneratorBasedBuilder):
 
 
 def dataset_path(data_dir: str, source: str) -> str:
-  """Where `write_dataset` puts a source's dataset: DATA_DIR/segswap_pairs/SOURCE/1.0.0."""
+  """Where `write_dataset` puts a source's dataset: DATA_DIR/segswap_pairs/SOURCE/VERSION."""
   return os.path.join(data_dir, NAME, source, VERSION)
 
 

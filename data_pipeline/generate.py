@@ -8,7 +8,7 @@ Runs in parallel over CPU cores (`--config.num_workers`, 0 = all), shows a progr
 deterministic for `--config.seed`, and resumes: pairs are made in shards under
 DATA_DIR/segswap_pairs_work/SOURCE/, and a killed run started again with the same arguments makes only
 the missing shards and ends with the same dataset. The dataset lands in
-DATA_DIR/segswap_pairs/SOURCE/1.0.0 (printed at the end); running again when it exists does nothing.
+DATA_DIR/segswap_pairs/SOURCE/VERSION (printed at the end); running again when it exists does nothing.
 Unreadable or too-small images are skipped with a warning and counted.
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ def generate(config, data_dir: str) -> str:
 
   Args:
     config: a data config (`configs/data/*.py`).
-    data_dir: the TFDS data dir; the dataset goes to DATA_DIR/segswap_pairs/SOURCE/1.0.0.
+    data_dir: the TFDS data dir; the dataset goes to DATA_DIR/segswap_pairs/SOURCE/VERSION.
 
   Raises:
     DataError: bad config or source (missing folder/annotations, no usable image, ...).

@@ -88,13 +88,13 @@ def read_pair(directory: str, index: int, num_objects: Optional[int] = None
              'corr_b': np.ascontiguousarray(maps['b'][:2].transpose(1, 2, 0)),
              'mask_a': maps['a'][2], 'mask_b': maps['b'][2],
              'num_objects': int(num_objects or infer_num_objects(maps['a'])),
-             'source': 'reference'}
+             'source': 'reference', 'scene_a': '', 'scene_background': ''}
   return example, size
 
 
 def import_reference(sources: Sequence[str], data_dir: str, num_validation: int = 0,
                      num_objects: Optional[int] = None) -> str:
-  """Writes DATA_DIR/segswap_pairs/reference/1.0.0 from reference folders; returns its directory."""
+  """Writes DATA_DIR/segswap_pairs/reference/VERSION from reference folders; returns its directory."""
   from tqdm import tqdm
   pairs = [pair for directory in sources for pair in list_pairs(directory)]
   if not 0 <= num_validation < len(pairs):

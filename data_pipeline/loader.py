@@ -10,7 +10,7 @@
                    split='validation', style_variants=False, num_workers=0, shard_options=None,
                    drop_remainder=False) -> grain.DatasetIterator (one pass, in order)
 
-`data_dir` is a dataset directory as returned by `generate.generate` (.../segswap_pairs/SOURCE/1.0.0),
+`data_dir` is a dataset directory as returned by `generate.generate` (.../segswap_pairs/SOURCE/VERSION),
 or the DATA_DIR given to it when it holds one dataset.
 Batches: image_a, image_b float32 (D, B, H, W, 3) ImageNet-normalised; corr_a, corr_b float32
 (D, B, h, w, 2); mask_a, mask_b float32 (D, B, h, w); pad_b bool (D, B, h, w) (True = background token
@@ -145,7 +145,7 @@ def make_train_loader(data_dir: str, *, per_device_batch: int, num_devices: Opti
   """Endless (or `num_epochs`) shuffled, augmented training batches `(D, B, ...)`; see module doc.
 
   Args:
-    data_dir: dataset directory (.../segswap_pairs/SOURCE/1.0.0).
+    data_dir: dataset directory (.../segswap_pairs/SOURCE/VERSION).
     per_device_batch: B, positive pairs per device.
     num_devices: D; default `jax.local_device_count()`.
     seed: shuffling and augmentation seed; the same seed gives the same batches.

@@ -203,6 +203,11 @@ class SegmentSource(abc.ABC):
   def sample_two(self, rng: np.random.Generator) -> Optional[Tuple[int, Segment, Segment]]:
     """(background image, object 1, object 2) of one source image with two different categories."""
 
+  def scene(self, index: int) -> str:
+    """What image `index` shows, as a key: images with one key show the same scene (stored with each
+    pair so that training never uses two views of one scene as a negative)."""
+    return os.path.basename(self.image_path(index))
+
   def load_image(self, index: int) -> np.ndarray:
     """RGB uint8 `(H, W, 3)`, long side <= max_side; small LRU cache."""
     if index in self._image_cache:
@@ -253,6 +258,10 @@ class UnsupervisedSource(SegmentSource):
 
   def image_path(self, index: int) -> str:
     return self.paths[index]
+
+  def scene(self, index: int) -> str:
+    """The key of the first image of `index`'s group (a stereo pair shares one)."""
+    return super().scene(self.groups.index(self.groups[index]))
 
   def segments(self, index: int) -> List[np.ndarray]:
     """Unsupervised segments of image `index` at the working size (cached per process)."""
@@ -329,7 +338,12 @@ class FolderSource(UnsupervisedSource):
                    if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
     if not paths:
       raise DataError(f'no images in {directory} (looked for {", ".join(IMAGE_EXTENSIONS)})')
+    self.directory = directory
     super().__init__(paths, **kwargs)
+
+  def scene(self, index: int) -> str:
+    # Relative paths: a/1.jpg and b/1.jpg are different scenes.
+    return os.path.relpath(self.paths[self.groups.index(self.groups[index])], self.directory)
 
 
 def bundled_image_paths() -> List[str]:

@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from data_pipeline import blend
 from data_pipeline import builder
 from data_pipeline import segments
 from data_pipeline import style
@@ -61,22 +62,28 @@ class PairMaker:
     self.stylizer = style.make_stylizer(config.style, fallback)
 
   def draw_pair(self, rng: np.random.Generator, num_objects: int):
-    """One attempt at a pair; None when the draw is rejected. May raise ImageReadError."""
+    """One attempt at a pair and its scene keys (source of A and its objects, background of B);
+    None when the draw is rejected. May raise ImageReadError."""
+    paste = blend.choose_paste(rng, float(self.config.get('poisson_prob', 1.0)))
     if num_objects == 1:
       draw = self.source.sample_one(rng)
       if draw is None:
         return None
       background, segment = draw
-      return swap.one_object_pair(rng, self.source.load_image(segment.image),
+      pair = swap.one_object_pair(rng, self.source.load_image(segment.image),
                                   self.source.segment_mask(segment),
-                                  self.source.load_image(background), self.params)
-    draw = self.source.sample_two(rng)
-    if draw is None:
+                                  self.source.load_image(background), self.params, paste)
+    else:
+      draw = self.source.sample_two(rng)
+      if draw is None:
+        return None
+      background, segment, second = draw
+      pair = swap.two_object_pair(rng, self.source.load_image(segment.image),
+                                  [self.source.segment_mask(segment), self.source.segment_mask(second)],
+                                  self.source.load_image(background), self.params, paste)
+    if pair is None:
       return None
-    background, first, second = draw
-    return swap.two_object_pair(rng, self.source.load_image(first.image),
-                                [self.source.segment_mask(first), self.source.segment_mask(second)],
-                                self.source.load_image(background), self.params)
+    return pair, self.source.scene(segment.image), self.source.scene(background)
 
   def example(self, split: str, index: int, stats: Dict[str, object]) -> Dict[str, object]:
     """The stored example of pair `index` of `split` (JPEG bytes + ground truth)."""
@@ -84,10 +91,11 @@ class PairMaker:
     num_objects = 2 if rng.random() < self.config.two_object_fraction else 1
     for _ in range(int(self.config.max_attempts)):
       try:
-        pair = self.draw_pair(rng, num_objects)
-        if pair is None:
+        drawn = self.draw_pair(rng, num_objects)
+        if drawn is None:
           stats['rejected'] += 1
           continue
+        pair, scene_a, scene_background = drawn
         styled_a = self.stylizer(pair.image_a, rng)
         styled_b = self.stylizer(pair.image_b, rng)
       except ImageReadError as e:
@@ -103,6 +111,7 @@ class PairMaker:
           'corr_a': pair.corr_a, 'corr_b': pair.corr_b,
           'mask_a': pair.mask_a, 'mask_b': pair.mask_b,
           'num_objects': int(pair.num_objects), 'source': str(self.config.source),
+          'scene_a': scene_a, 'scene_background': scene_background,
       }
     bad = stats['bad_images']
     detail = ''

@@ -41,6 +41,7 @@ from data_pipeline import loader as loader_lib
 from data_pipeline.errors import DataError
 from segswap_jax import checkpoints
 from segswap_jax import config_cli
+from segswap_jax import losses
 from segswap_jax import model as model_lib
 from segswap_jax import multihost
 from segswap_jax import train_logging
@@ -82,6 +83,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f'{config.batch_pos * (config.batch_pos - 1)} in-batch negatives')
   if config.num_train_steps < 1:
     raise TrainError(f'config.num_train_steps must be >= 1, got {config.num_train_steps}')
+  if config.corr_cells not in losses.CORR_CELLS:
+    raise TrainError(f'config.corr_cells must be one of {losses.CORR_CELLS}, got {config.corr_cells!r}')
   if config.hard_mining.enabled and config.train_backbone:
     raise TrainError('hard mining keeps mined features across a round: it needs a frozen backbone '
                      '(config.train_backbone=False)')
@@ -93,7 +96,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def training_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The flat settings `train_step` reads, with the decay epochs turned into steps."""
   settings = ml_collections.ConfigDict({
-      key: config[key] for key in ('seed', 'batch_pos', 'batch_neg', 'warp_mask', 'eta_corr',
+      key: config[key] for key in ('seed', 'batch_pos', 'batch_neg', 'warp_mask', 'eta_corr', 'corr_cells',
+                                   'drop_shared_scene_negatives',
                                    'swap_prob', 'train_backbone', 'learning_rate', 'weight_decay',
                                    'grad_clip_norm', 'warmup_steps')})
   settings.lr_decay_steps = tuple(config.warmup_steps + int(e) * config.steps_per_epoch
@@ -466,9 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
 
 def format_validation(result: Dict[str, float]) -> str:
-  text = (f'mask IoU {result["mask_iou"]:.3f}, correspondence error median '
-          f'{result["corr_error_median"]:.2f} cells (mean {result["corr_error_mean"]:.2f}, '
-          f'{100 * result["corr_within_1"]:.0f}% within 1 cell), {result["num_pairs"]} held-out pairs')
+  text = validation.format_result(result, 'held-out pairs')
   if 'brueghel_map' in result:
     text += f', Brueghel val mAP {100 * result["brueghel_map"]:.1f}'
   return text

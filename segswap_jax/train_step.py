@@ -6,11 +6,13 @@ is how `train.py` runs it; with `axis_name=None` it runs under plain `jax.jit` (
 
 Per replica a batch holds B positive pairs (docs/INTERFACES.md "Training batches"):
   image_a, image_b float32 `(B, H, W, 3)` ImageNet-normalised; corr_a, corr_b `(B, h, w, 2)`;
-  mask_a, mask_b `(B, h, w)`; pad_b bool `(B, h, w)`; optionally mined negatives as features
-  hard_feat_a, hard_feat_b `(M, h, w, C)` (stage 2, `hard_mining.py`).
+  mask_a, mask_b `(B, h, w)`; pad_b bool `(B, h, w)`; optionally scenes int32 `(B, 2)` (scene ids of A
+  and of B's background, to leave out in-batch negatives that share one) and mined negatives as
+  features hard_feat_a, hard_feat_b `(M, h, w, C)` (stage 2, `hard_mining.py`).
 Inside the step: backbone features of the 2B images (under stop_gradient unless the backbone is
 trained), the per-batch A/B role swap (one coin for the whole global batch), the in-batch negatives
-(A of pair i with B of pair j, the reference's cyclic shifts, un-swapped, no key padding), one
+(A of pair i with B of pair j, the reference's cyclic shifts, un-swapped, no key padding; with
+`drop_shared_scene_negatives` those whose images show one scene are left out of the loss), one
 transformer call over positives and negatives together, the loss of `losses.py`.
 """
 from __future__ import annotations
@@ -136,9 +138,15 @@ def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collecti
         trainable['transformer'], jnp.concatenate([x, neg_x]), jnp.concatenate([y, neg_y]),
         jnp.concatenate([pad_x, neg_pad]), jnp.concatenate([pad_y, neg_pad]), train=True,
         rngs={'dropout': rng_dropout})
+    neg_weights = jnp.ones((num_neg,), jnp.float32)
+    if config.get('drop_shared_scene_negatives', False) and 'scenes' in batch:
+      in_batch = losses.distinct_scene_weights(batch['scenes'], neg_index_a, neg_index_b)
+      neg_weights = neg_weights.at[:in_batch.shape[0]].set(in_batch)
     metrics = losses.segswap_loss(out_x[:num_pos], out_y[:num_pos], targets, out_x[num_pos:],
                                   out_y[num_pos:], warp_mask=config.warp_mask,
-                                  eta_corr=config.eta_corr)
+                                  eta_corr=config.eta_corr,
+                                  corr_cells=config.get('corr_cells', 'peak'),
+                                  neg_weights=neg_weights)
     return metrics['loss'], metrics
 
   def step(state: TrainState, batch: Batch, frozen: dict) -> Tuple[TrainState, Metrics]:

@@ -8,9 +8,17 @@ every pair:
   corr_error_mean, corr_within_1 (fraction of those cells within one cell).
 Each JAX process evaluates its share of the split; the per-image numbers are gathered, so every process
 returns the same result.
+
+Any saved model on any pair dataset (a split of `data_pipeline.generate`'s output or an imported one):
+
+  python -m segswap_jax.validation --checkpoint WORKDIR/model --data DATA_DIR [--split validation]
+      [--picture preds.png] [--out metrics.json]
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from typing import Dict, Optional
 
 import jax
@@ -34,16 +42,18 @@ class HeldOutEvaluator:
   """Mask IoU and correspondence error on the validation split, batched over local devices."""
 
   def __init__(self, dataset_dir: str, model_config, per_device_batch: int = 8,
-               num_pairs: int = 0, split: str = 'validation'):
+               num_pairs: int = 0, split: str = 'validation', devices=None):
     self.dataset_dir = dataset_dir
     self.per_device_batch = per_device_batch
     self.num_pairs = num_pairs
     self.split = split
-    self._forward = jax.pmap(train_step_lib.make_eval_step(model_config), axis_name='batch')
+    self.devices = devices or jax.local_devices()
+    self._forward = jax.pmap(train_step_lib.make_eval_step(model_config), axis_name='batch',
+                             devices=self.devices)
 
   def _batches(self):
     return loader_lib.make_eval_loader(self.dataset_dir, per_device_batch=self.per_device_batch,
-                                       num_devices=jax.local_device_count(), split=self.split)
+                                       num_devices=len(self.devices), split=self.split)
 
   def predict(self, params, frozen, num_pairs: int):
     """The first `num_pairs` pairs of this process's share: (batch dict, out_a, out_b), flat `(N, ...)`.
@@ -130,3 +140,60 @@ def brueghel_map(brueghel_dir: str, model_params: dict, model_config, batch_size
   if results is None:
     return None
   return float(results['retrieval_map'])
+
+
+def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = 'validation', batch_size: int = 8,
+                        num_pairs: int = 0, picture: str = '', num_drawn: int = 6) -> Dict[str, float]:
+  """Held-out metrics of a saved model on one split of a pair dataset (one process)."""
+  from data_pipeline import builder
+  from segswap_jax import checkpoints
+  params, model_config = checkpoints.load_model(checkpoint)
+  dataset_dir = builder.resolve_dataset_dir(data_dir)
+  # One device: every pair of the split is evaluated (several devices drop a ragged last batch).
+  devices = jax.local_devices()[:1]
+  evaluator = HeldOutEvaluator(dataset_dir, model_config, batch_size, num_pairs, split, devices)
+  trainable, frozen = train_step_lib.split_params(params, train_backbone=False)
+  trainable = train_step_lib.replicate(trainable, devices)
+  frozen = train_step_lib.replicate(frozen, devices)
+  result = evaluator.evaluate(trainable, frozen)
+  if picture:
+    visualize.save_png(picture, evaluator.draw(trainable, frozen, num_drawn))
+  return result
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m segswap_jax.validation',
+      description='Mask IoU and correspondence error of a saved model on synthetic pairs with ground truth.')
+  parser.add_argument('--checkpoint', required=True, help='model directory (WORKDIR/model, best/, converted)')
+  parser.add_argument('--data', required=True, help='pair dataset directory, or the DATA_DIR holding one')
+  parser.add_argument('--split', default='validation', help='split to evaluate (default: validation)')
+  parser.add_argument('--batch-size', type=int, default=8, help='pairs per device and forward call')
+  parser.add_argument('--num-pairs', type=int, default=0, help='evaluate only the first N pairs (0 = all)')
+  parser.add_argument('--picture', default='', help='also draw the first pairs into this PNG')
+  parser.add_argument('--out', default='', help='also write the metrics to this JSON file')
+  args = parser.parse_args(argv)
+  from data_pipeline.errors import DataError
+  from segswap_jax.checkpoints import CheckpointError
+  try:
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.num_pairs,
+                                 args.picture)
+  except (DataError, CheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'{args.checkpoint} on {args.data} [{args.split}]: ' + format_result(result))
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(result, f, indent=2)
+  return 0
+
+
+def format_result(result: Dict[str, float], what: str = 'pairs') -> str:
+  """One line: mask IoU and correspondence error."""
+  return (f'mask IoU {result["mask_iou"]:.3f}, correspondence error median '
+          f'{result["corr_error_median"]:.2f} cells (mean {result["corr_error_mean"]:.2f}, '
+          f'{100 * result["corr_within_1"]:.0f}% within 1 cell), {result["num_pairs"]} {what}')
+
+
+if __name__ == '__main__':
+  sys.exit(main())

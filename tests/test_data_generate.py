@@ -15,7 +15,7 @@ import test_data_support as support
 from test_data_support import small_dataset  # noqa: F401 (fixture)
 
 FEATURES = {'image_a', 'image_b', 'image_a_styled', 'image_b_styled', 'corr_a', 'corr_b', 'mask_a',
-            'mask_b', 'num_objects', 'source'}
+            'mask_b', 'num_objects', 'source', 'scene_a', 'scene_background'}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,7 +43,7 @@ def reference_run(small_dataset):
 
 def test_dataset_has_the_documented_features(reference_run):
   info = builder.load_builder(reference_run).info
-  assert reference_run.endswith(os.path.join('segswap_pairs', 'bundled', '1.0.0'))
+  assert reference_run.endswith(os.path.join('segswap_pairs', 'bundled', builder.VERSION))
   assert set(info.features.keys()) == FEATURES
   assert info.splits['train'].num_examples == 6 and info.splits['validation'].num_examples == 2
   assert info.metadata['image_size'] == 192
@@ -54,6 +54,10 @@ def test_dataset_has_the_documented_features(reference_run):
     assert example['mask_b'].shape == (12, 12) and example['mask_b'].dtype == np.float32
     assert example['num_objects'] in (1, 2) and example['source'] == b'bundled'
     assert builder.decode_jpeg(example['image_a_styled']).shape == (192, 192, 3)
+    # Scene keys: bundled file names (the stereo motorcycle's right view is its left one's scene).
+    assert example['scene_a'].endswith((b'.png', b'.jpg')) and example['scene_background']
+    assert example['scene_a'] != example['scene_background']
+    assert b'_right' not in example['scene_a'] + example['scene_background']
   # Held-out pairs differ from the training pairs.
   train_images = {e['image_b'] for e in read_all(reference_run, 'train')}
   assert not train_images & {e['image_b'] for e in read_all(reference_run, 'validation')}
@@ -101,7 +105,7 @@ def test_generation_from_coco(tmp_path):
   config = support.small_config(source='coco', source_dir=root, num_pairs=4, num_validation=0)
   path = generate.generate(config, str(tmp_path / 'data'))
   examples = read_all(path, 'train')
-  assert path.endswith(os.path.join('segswap_pairs', 'coco', '1.0.0'))
+  assert path.endswith(os.path.join('segswap_pairs', 'coco', builder.VERSION))
   assert {e['source'] for e in examples} == {b'coco'} and len(examples) == 4
   assert {e['num_objects'] for e in examples} == {1, 2}
   assert list(builder.load_builder(path).info.splits) == ['train']

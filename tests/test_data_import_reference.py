@@ -32,7 +32,7 @@ def test_import_keeps_bytes_and_maps_and_skips_bad_pairs(generated_pairs, tmp_pa
     f.write(b'not numpy')
   path = import_reference.import_reference([one, two], str(tmp_path / 'data'), num_validation=2)
   info = builder.load_builder(path).info
-  assert path.endswith(os.path.join('segswap_pairs', 'reference', '1.0.0'))
+  assert path.endswith(os.path.join('segswap_pairs', 'reference', builder.VERSION))
   assert info.splits['train'].num_examples == 4 and info.splits['validation'].num_examples == 2
   assert info.metadata['image_size'] == 256 and len(info.metadata['skipped_pairs']) == 2
   assert 'warning: 2 pair(s) skipped' in capsys.readouterr().err

@@ -13,7 +13,7 @@ import test_data_support as support  # noqa: F401
 from test_data_support import generated_pairs, small_dataset  # noqa: F401 (fixtures)
 from test_data_swap import sift_matches
 
-BATCH_KEYS = {'image_a', 'image_b', 'corr_a', 'corr_b', 'mask_a', 'mask_b', 'pad_b'}
+BATCH_KEYS = {'image_a', 'image_b', 'corr_a', 'corr_b', 'mask_a', 'mask_b', 'pad_b', 'scenes'}
 
 
 def test_thin_plate_spline_interpolates_and_inverts():
@@ -92,6 +92,9 @@ def test_train_batches_have_the_interface_format(small_dataset):
   pixels = unnormalize(batch['image_b'])
   assert pixels.min() > -0.5 and pixels.max() < 255.5 and pixels.std() > 20
   assert not (batch['pad_b'] & (batch['mask_b'] >= 0.5)).any()
+  # Scene ids: known for generated pairs, and never the same scene for A and B's background.
+  assert batch['scenes'].shape == (2, 2, 2) and batch['scenes'].dtype == np.int32
+  assert (batch['scenes'] >= 0).all() and (batch['scenes'][..., 0] != batch['scenes'][..., 1]).all()
   with pytest.raises(DataError, match='holds 192x192 pairs, the loader was asked for 256x256'):
     loader.make_train_loader(small_dataset, per_device_batch=2, num_devices=1, image_size=256)
   with pytest.raises(DataError, match='fewer than one global batch of 1 process.es. x 2 x 4'):

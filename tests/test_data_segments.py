@@ -11,6 +11,9 @@ from data_pipeline.errors import DataError, ImageReadError
 import test_data_support as support
 
 
+BUNDLED = list(segments.BUNDLED_FILES)
+
+
 def test_bundled_source_is_the_colour_photographs():
   source = segments.BundledSource()
   assert len(source) == 11
@@ -20,6 +23,10 @@ def test_bundled_source_is_the_colour_photographs():
     assert max(image.shape[:2]) <= 640
     channels = image.astype(np.int32)
     assert np.abs(channels[..., 0] - channels[..., 2]).mean() > 3  # really coloured
+  # Scene keys: one per photograph, the stereo pair's two views share one.
+  scenes = [source.scene(i) for i in range(len(source))]
+  assert len(set(scenes)) == 10
+  assert scenes[BUNDLED.index('motorcycle_right.png')] == scenes[BUNDLED.index('motorcycle_left.png')]
 
 
 def test_unsupervised_segments_find_a_planted_object_and_skip_bands():

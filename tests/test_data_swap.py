@@ -77,6 +77,24 @@ def test_poisson_paste_keeps_everything_in_place():
   assert all(in_place < 0.5 * roughness(dx, dy) for dx, dy in [(1, 0), (-1, 0), (0, 1), (0, -1)])
 
 
+def test_copy_paste_and_the_choice_of_blending():
+  rng = np.random.default_rng(1)
+  background = rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)
+  source = rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)
+  mask = np.zeros((8, 8), bool)
+  mask[2:5, 3:7] = True
+  out = blend.copy_paste(background, source, mask)
+  np.testing.assert_array_equal(out[mask], source[mask])
+  np.testing.assert_array_equal(out[~mask], background[~mask])
+  # p = 1 and p = 0 draw nothing (the reference's stream is unchanged); p = 0.5 mixes.
+  draws = np.random.default_rng(3)
+  assert blend.choose_paste(draws, 1.0) is blend.poisson_paste
+  assert blend.choose_paste(draws, 0.0) is blend.copy_paste
+  assert draws.random() == np.random.default_rng(3).random()
+  chosen = [blend.choose_paste(draws, 0.5) is blend.poisson_paste for _ in range(400)]
+  assert 0.4 < np.mean(chosen) < 0.6
+
+
 def test_generated_pairs_have_the_stored_format(generated_pairs):
   for pair in generated_pairs:
     for name in builder.IMAGE_FEATURES:

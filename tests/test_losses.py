@@ -93,3 +93,49 @@ def test_without_warp_mask_and_validation_metrics():
   xy_gt = np.array([[[0.5, 0.5]]], np.float32)
   xy_pred = np.array([[[0.5 + 3 / 8, 0.5 + 4 / 10]]], np.float32)   # 3 cells right of 8, 4 down of 10
   assert float(losses.correspondence_error_cells(xy_pred, xy_gt, (10, 8))[0, 0]) == pytest.approx(5.0)
+
+
+def test_peak_cells_tolerate_float_rounding_and_foreground_cells():
+  # A bilinear sum of 1.0s can round to 0.99999994: still the interior. 0.999 is not.
+  mask = np.array([[[1.0, np.float32(0.99999994)], [0.999, 0.6]]], np.float32)
+  np.testing.assert_array_equal(np.asarray(losses.peak_cells(mask)), [[[True, True], [False, False]]])
+  # A coarse, twice-warped mask whose maximum is 0.83: the reference's rule keeps one cell,
+  # 'foreground' keeps every cell above one half.
+  soft = np.array([[[0.83, 0.7], [0.55, 0.2]]], np.float32)
+  assert int(np.sum(losses.supervised_cells(soft, 'peak'))) == 1
+  np.testing.assert_array_equal(np.asarray(losses.supervised_cells(soft, 'foreground')),
+                                [[[True, True], [True, False]]])
+  gt = np.full((1, 2, 2, 2), 0.5, np.float32)
+  pred = np.full((1, 2, 2, 3), 0.5, np.float32)
+  pred[0, 1, 0, :2] = [0.9, 0.5]     # 0.4 off at the 0.55 cell; the other cells exact
+  targets = losses.PositiveTargets(soft, soft, gt, gt)
+  # foreground: 0.4 in A + 0.4 in B over 3 + 3 cells, halved; peak: that cell is not counted.
+  assert float(losses.correspondence_loss(pred, pred, targets, 'foreground')) == pytest.approx(0.8 / 6 / 2)
+  assert float(losses.correspondence_loss(pred, pred, targets, 'peak')) == pytest.approx(0.0)
+  with pytest.raises(ValueError, match='corr_cells'):
+    losses.supervised_cells(soft, 'interior')
+
+
+def test_negatives_sharing_a_scene_are_left_out():
+  # Pairs: 0 = object of scene 7 on background 3; 1 = scene 3 on 9; 2 = scene 7 on 5; 3 = unknown.
+  scenes = np.array([[7, 3], [3, 9], [7, 5], [-1, -1]], np.int32)
+  index_a = np.array([0, 1, 2, 3, 0, 1], np.int32)
+  index_b = np.array([1, 2, 3, 0, 2, 0], np.int32)
+  # A0 (7) vs B1 (3, 9): kept. A1 (3) vs B2 (7, 5): kept. A2 (7) vs B3 (unknown): kept.
+  # A3 (unknown) vs B0: kept. A0 (7) vs B2 (7, 5): same source scene. A1 (3) vs B0 (7, 3): B0's
+  # background is A1's scene.
+  weights = np.asarray(losses.distinct_scene_weights(scenes, index_a, index_b))
+  np.testing.assert_array_equal(weights, [1, 1, 1, 1, 0, 0])
+
+  # A left-out negative changes nothing: the loss equals the loss without it.
+  rng = np.random.default_rng(0)
+  pos = rng.uniform(0.05, 0.95, (2, 2, 3, 3)).astype(np.float32)
+  targets = losses.PositiveTargets(np.ones((2, 2, 3), np.float32), np.ones((2, 2, 3), np.float32),
+                                   np.full((2, 2, 3, 2), 0.5, np.float32),
+                                   np.full((2, 2, 3, 2), 0.5, np.float32))
+  neg = rng.uniform(0.05, 0.95, (3, 2, 3, 3)).astype(np.float32)
+  kept = losses.segswap_loss(pos, pos, targets, neg[:2], neg[:2])
+  weighted = losses.segswap_loss(pos, pos, targets, neg, neg, neg_weights=np.array([1.0, 1.0, 0.0]))
+  for key in ('loss', 'loss_mask', 'acc_neg'):
+    assert float(weighted[key]) == pytest.approx(float(kept[key]), rel=1e-6)
+  assert float(weighted['neg_kept']) == pytest.approx(2 / 3)

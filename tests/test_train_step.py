@@ -138,3 +138,25 @@ def test_mined_negatives_enter_the_loss():
   # Same positives, more all-zero targets: the mask loss changes, the correspondence loss does not.
   assert float(mined['loss_corr']) == pytest.approx(float(plain['loss_corr']), rel=1e-6)
   assert float(mined['loss_mask']) != pytest.approx(float(plain['loss_mask']), rel=1e-4)
+
+
+def test_negatives_of_one_scene_are_left_out_of_the_loss():
+  model_config = tiny_model_config()
+  batch = random_batch(6)
+  results = {}
+  # Every pair cut from scene 4 and pasted on scene 9: A_i and B_j share scene 4, no true negative.
+  one_scene = dict(batch, scenes=np.tile(np.array([[4, 9]], np.int32), (3, 1)))
+  distinct = dict(batch, scenes=np.array([[1, 2], [3, 4], [5, 6]], np.int32))
+  for name, batch_neg, drop, data in (('none', 0, True, batch), ('one_scene', 3, True, one_scene),
+                                      ('kept', 3, False, one_scene), ('distinct', 3, True, distinct)):
+    config = settings(batch_neg=batch_neg, swap_prob=0.0, drop_shared_scene_negatives=drop)
+    state, frozen = init(model_config, config)
+    _, metrics = jax.jit(train_step_lib.make_train_step(model_config, config, axis_name=None))(
+        state, data, frozen)
+    results[name] = {k: float(v) for k, v in metrics.items()}
+  # All negatives left out = no negatives; kept (switch off) or distinct scenes = negatives count.
+  assert results['one_scene']['neg_kept'] == 0.0
+  assert results['one_scene']['loss'] == pytest.approx(results['none']['loss'], rel=1e-5)
+  assert results['distinct']['neg_kept'] == results['kept']['neg_kept'] == 1.0
+  assert results['distinct']['loss'] == pytest.approx(results['kept']['loss'], rel=1e-6)
+  assert abs(results['kept']['loss_mask'] - results['none']['loss_mask']) > 1e-4

@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_pairs = 200_000          # train split (reference: 100k one-object + 100k two-object)
   config.num_validation = 1_000       # held-out pairs for evaluation during training
   config.two_object_fraction = 0.5
+  config.poisson_prob = 1.0           # Poisson blending (the reference); else a plain copy-paste
   config.seed = 0
   config.shard_size = 64              # pairs per work shard: the unit of parallelism and of resume
   config.num_workers = 0              # processes; 0 = all CPU cores

@@ -16,6 +16,8 @@ def get_config():
   config.num_pairs = 2000
   config.num_validation = 100
   config.two_object_fraction = 0.0
+  config.poisson_prob = 0.5           # half copy-paste: a model trained from scratch learns masks of
+                                      # Poisson-tinted objects far more slowly (docs/training.md)
   config.swap.one_object_scale = (0.5, 1.0)
   config.swap.max_angle = 5.0
   config.swap.min_mask_cells = 6.0
