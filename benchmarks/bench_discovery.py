@@ -82,7 +82,8 @@ def methods_on_planted(sigmas=(0.8, 1.2, 2.0, 5.0)) -> str:
   return '\n'.join(lines)
 
 
-def measure_model(checkpoint: str, image_size: int = 480, sigma: float = 2.0, flip: str = 'none') -> str:
+def measure_model(checkpoint: str, image_size: int = 480, sigma: float = 2.0, flip: str = 'none',
+                  node_threshold: float = discovery.CONF_THRESHOLD) -> str:
   """A trained model on the planted collection: group IoU per method vs chance (markdown)."""
   from segswap_jax import collection as collection_lib
   from segswap_jax import inference
@@ -95,11 +96,11 @@ def measure_model(checkpoint: str, image_size: int = 480, sigma: float = 2.0, fl
   pair_set, seconds = _timed(collection_lib.score_pairs, model, planted_set.images, pairs, flip=flip)
   binarize = planted.grabcut_masks(planted_set)
   lines = [f'checkpoint `{checkpoint}`: {n} images at {image_size} px, {len(pairs)} pairs in {seconds:.1f} s, '
-           f'{len(pair_set.pairs)} kept; sigma {sigma:g}, flip {flip}', '',
+           f'{len(pair_set.pairs)} kept; sigma {sigma:g}, flip {flip}, node threshold {node_threshold:g}', '',
            '| method | IoU group 1 | IoU group 2 | mean | chance | patterns |', '|---|---|---|---|---|---|']
   chance = np.mean([planted.chance_iou(planted_set, groups=[g]) for g in range(2)])
   for method in ('reference', 'patterns'):
-    result = discovery.discover(pair_set, method, sigma)
+    result = discovery.discover(pair_set, method, sigma, conf_threshold=node_threshold)
     iou = planted.group_recovery(planted_set, result.patterns, binarize) if result.patterns else [0.0, 0.0]
     lines.append(f'| {method} | {iou[0]:.3f} | {iou[1]:.3f} | {np.mean(iou):.3f} | {chance:.3f} | '
                  f'{len(result.patterns)} |')
@@ -125,10 +126,12 @@ if __name__ == '__main__':
   parser.add_argument('--checkpoint', default=None, help='measure this model on the planted collection only')
   parser.add_argument('--image_size', type=int, default=480, help='model input size for --checkpoint')
   parser.add_argument('--sigma', type=float, default=2.0, help='sigma for --checkpoint')
+  parser.add_argument('--node_threshold', type=float, default=discovery.CONF_THRESHOLD,
+                      help='mask above which a cell is a graph node, for --checkpoint')
   parser.add_argument('--quick', action='store_true', help='smaller sizes')
   args = parser.parse_args()
   if args.checkpoint:
-    print(measure_model(args.checkpoint, args.image_size, args.sigma))
+    print(measure_model(args.checkpoint, args.image_size, args.sigma, node_threshold=args.node_threshold))
   else:
     print(main(args.quick))
   sys.exit(0)

@@ -428,13 +428,17 @@ def sign_and_energy(matrix: scipy.sparse.spmatrix, vector: np.ndarray, space_log
 def leading_eigenvector(matrix: scipy.sparse.spmatrix, space_log: float = SPACE_LOG) -> np.ndarray:
   """Leading eigenvector (largest magnitude) of a symmetric sparse matrix, signed by the reference rule.
 
-  `eigsh(k=1, which='LM', v0=ones)` as the reference; ARPACK needs N >= 2, so a single node gets [1].
+  `eigsh(k=1, which='LM', v0=ones)` as the reference; ARPACK needs N >= 2, so a single node gets [1],
+  and a matrix without a non-zero affinity (nodes, but no cycle joins any two) has no leading direction:
+  zeros, no pattern (ARPACK would stop on a zero Krylov vector).
   """
   n = matrix.shape[0]
   if n == 0:
     return np.zeros(0)
   if n == 1:
     return np.ones(1)
+  if not np.any(matrix.data):
+    return np.zeros(n)
   _, vectors = scipy.sparse.linalg.eigsh(matrix, k=1, which='LM', v0=np.ones(n))
   return sign_and_energy(matrix, np.real(vectors[:, 0]), space_log)[0]
 
@@ -592,9 +596,11 @@ def discover_reference(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
   vector = leading_eigenvector(matrix)
   maps = image_maps(nodes, vector, pair_set.num_images)
   patterns = []
-  if len(nodes):
+  if len(nodes) and np.any(vector):
     energy = sign_and_energy(matrix, vector)[3]
-    patterns.append(_pattern(nodes, np.arange(len(nodes)), vector, energy, pair_set.num_images))
+    pattern = _pattern(nodes, np.arange(len(nodes)), vector, energy, pair_set.num_images)
+    if len(pattern.images):
+      patterns.append(pattern)
   return Discovery(nodes, matrix, vector, maps, patterns)
 
 

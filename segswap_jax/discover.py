@@ -199,7 +199,8 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
                     model: Optional[inference.SegSwap] = None, image_size: int = 480,
                     max_pairs_per_image: int = 10, method: str = 'patterns', sigma: float = 2.0,
                     flip: str = 'none', max_patterns: int = 10, batch_size: int = 16, grabcut: bool = True,
-                    skip_unreadable: bool = False) -> dict:
+                    skip_unreadable: bool = False,
+                    node_threshold: float = discovery.CONF_THRESHOLD) -> dict:
   """The whole `discover` run; returns the clusters dict written to clusters.json."""
   if method not in discovery.METHODS:
     raise DiscoverError(f'unknown method {method!r}; expected one of {sorted(discovery.METHODS)}')
@@ -207,6 +208,8 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
     raise DiscoverError(f'--image_size must be a positive multiple of 16, got {image_size}')
   if max_pairs_per_image < 0:
     raise DiscoverError(f'--max_pairs_per_image must be >= 0, got {max_pairs_per_image}')
+  if not 0.0 < node_threshold < 1.0:
+    raise DiscoverError(f'--node_threshold must be in (0, 1), got {node_threshold}')
   names, images = load_collection(images_dir, image_size, skip_unreadable)
   timings = {}
   start = time.perf_counter()
@@ -222,11 +225,12 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
   timings['pairs (s)'] = round(time.perf_counter() - start, 2)
   start = time.perf_counter()
   kwargs = {'max_patterns': max_patterns} if method == 'patterns' else {}
-  result = discovery.discover(pair_set, method, sigma, **kwargs)
+  result = discovery.discover(pair_set, method, sigma, conf_threshold=node_threshold, **kwargs)
   timings['graph (s)'] = round(time.perf_counter() - start, 2)
   summary = {'images': len(names), 'image size': image_size, 'pairs run': int(len(pairs)),
              'pairs kept': int(len(pair_set.pairs)), 'nodes': int(len(result.nodes)),
-             'edges': int(result.matrix.nnz), 'method': method, 'sigma': sigma, 'flip': flip,
+             'edges': int(result.matrix.nnz), 'method': method, 'sigma': sigma,
+             'node threshold': node_threshold, 'flip': flip,
              'max_pairs_per_image': max_pairs_per_image, 'checkpoint': checkpoint or 'in memory', **timings}
   return write_report(out_dir, images_dir, names, result, summary, grabcut)
 
@@ -249,6 +253,9 @@ def main(argv=None) -> int:
   parser.add_argument('--flip', default='none', choices=list(collection.FLIP_MODES),
                       help='also try the mirrored second image (corrected is geometrically right)')
   parser.add_argument('--max_patterns', type=int, default=10, help='at most this many patterns')
+  parser.add_argument('--node_threshold', type=float, default=discovery.CONF_THRESHOLD,
+                      help='graph nodes are cells whose mask exceeds this (default %(default)s, the '
+                           "reference's); lower it for a model whose masks are less confident")
   parser.add_argument('--batch_size', type=int, default=16, help='pairs per device batch')
   parser.add_argument('--no_grabcut', action='store_true', help='outline the thresholded maps directly')
   parser.add_argument('--skip_unreadable', action='store_true', help='leave unreadable images out')
@@ -260,7 +267,8 @@ def main(argv=None) -> int:
     data = discover_folder(args.images, args.out, checkpoint=args.checkpoint, image_size=args.image_size,
                            max_pairs_per_image=args.max_pairs_per_image, method=args.method, sigma=args.sigma,
                            flip=args.flip, max_patterns=args.max_patterns, batch_size=args.batch_size,
-                           grabcut=not args.no_grabcut, skip_unreadable=args.skip_unreadable)
+                           grabcut=not args.no_grabcut, skip_unreadable=args.skip_unreadable,
+                           node_threshold=args.node_threshold)
   except (DiscoverError, inference.ImageError, checkpoints.CheckpointError, collection.CollectionError,
           discovery.DiscoveryError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -80,12 +80,14 @@ def test_discover_cli_writes_a_report(checkpoint, images, tmp_path, capsys):
   planted.write_class_folder(images, str(folder), ground_truth=False)
   out = tmp_path / 'report'
   code = discover.main(['--checkpoint', checkpoint, '--images', str(folder), '--out', str(out),
-                        '--image_size', str(SIZE), '--max_pairs_per_image', '2', '--batch_size', '4'])
+                        '--image_size', str(SIZE), '--max_pairs_per_image', '2', '--batch_size', '4',
+                        '--node_threshold', '0.6'])
   assert code == 0, capsys.readouterr().err
   assert os.path.isfile(out / 'index.html')
   with open(out / 'clusters.json') as f:
     data = json.load(f)
   assert data['summary']['images'] == 4 and data['summary']['pairs run'] <= 6
+  assert data['summary']['node threshold'] == 0.6
   for cluster in data['patterns']:
     assert os.path.isfile(out / cluster['picture'])
   assert 'pattern' in capsys.readouterr().out
@@ -106,7 +108,7 @@ def test_report_of_oracle_patterns(tmp_path):
   assert 0 <= box[0] < box[2] <= 240 and 0 <= box[1] < box[3] <= 240
 
 
-@pytest.mark.parametrize('case', ['empty', 'single', 'unreadable', 'missing'])
+@pytest.mark.parametrize('case', ['empty', 'single', 'unreadable', 'missing', 'threshold'])
 def test_discover_cli_errors(case, tmp_path, capsys):
   folder = tmp_path / 'photos'
   folder.mkdir()
@@ -116,13 +118,16 @@ def test_discover_cli_errors(case, tmp_path, capsys):
   if case == 'unreadable':
     planted.write_class_folder(c, str(folder), ground_truth=False)
     (folder / 'broken.jpg').write_bytes(b'not a jpeg at all')
+  if case == 'threshold':
+    planted.write_class_folder(c, str(folder), ground_truth=False)
   target = str(folder if case != 'missing' else tmp_path / 'nowhere')
   code = discover.main(['--checkpoint', str(tmp_path / 'no_checkpoint'), '--images', target,
-                        '--out', str(tmp_path / 'r'), '--image_size', str(SIZE)])
+                        '--out', str(tmp_path / 'r'), '--image_size', str(SIZE),
+                        '--node_threshold', '1.5' if case == 'threshold' else '0.85'])
   err = error_line(capsys.readouterr().err)
   assert code == 2 and err.startswith('error:')
   expected = {'empty': 'no images', 'single': 'at least 3', 'unreadable': 'broken.jpg',
-              'missing': 'no such folder'}[case]
+              'missing': 'no such folder', 'threshold': '--node_threshold must be in (0, 1), got 1.5'}[case]
   assert expected in err
 
 

@@ -273,3 +273,15 @@ def test_merge_groups_rules():
   ]
   merged = sorted(sorted(m.tolist()) for m in graph_clusters.merge_groups(supports, (10, 10)))
   assert merged == [[0, 1], [2, 3], [4]]
+
+
+def test_nodes_without_any_cycle_give_no_pattern_and_no_error():
+  # Two images: confident nodes, but no third image closes a 3-cycle: an all-zero affinity (ARPACK
+  # stops on it; the demo model's outputs at 192 px hit this).
+  from eval import planted
+  pair_set = planted.oracle_pair_set(planted.make_planted_collection(groups=((0, 1),), num_images=2, seed=0))
+  for method in ('reference', 'patterns'):
+    result = discovery.discover(pair_set, method, sigma=1.0)
+    assert len(result.nodes) > 0 and not np.any(result.matrix.data)
+    assert result.patterns == []
+  assert np.array_equal(discovery.leading_eigenvector(scipy.sparse.csr_matrix((3, 3))), np.zeros(3))
