@@ -1,5 +1,7 @@
 """Pasting an object into a background exactly in place: Poisson blending (OpenCV `seamlessClone`,
 NORMAL_CLONE; the reference) or a plain copy (the paper's copy-paste ablation)."""
+import functools
+
 import cv2
 import numpy as np
 
@@ -31,17 +33,28 @@ def poisson_paste(background: np.ndarray, source: np.ndarray, mask: np.ndarray) 
                            (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
 
 
-def copy_paste(background: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """Copies the pixels of `source` under `mask` into `background` unchanged (same arguments as
-  `poisson_paste`): the object keeps its colours, and its outline is a hard edge."""
-  return np.where(mask[..., None], source, background).astype(np.uint8)
+def copy_paste(background: np.ndarray, source: np.ndarray, mask: np.ndarray,
+               feather: float = 0.0) -> np.ndarray:
+  """Copies the pixels of `source` under `mask` into `background` (same arguments as `poisson_paste`):
+  the object keeps its colours. With `feather` = 0 its outline is a hard edge; with feather = s > 0 the
+  alpha is the mask eroded by 2s pixels and blurred with a Gaussian of s pixels, so it fades to 0 at
+  the mask's border (no hard edge to recognise, and no pixel from outside the mask)."""
+  if feather <= 0.0:
+    return np.where(mask[..., None], source, background).astype(np.uint8)
+  radius = int(np.ceil(2 * feather))
+  kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+  inner = cv2.erode(mask.astype(np.uint8), kernel).astype(np.float32)
+  alpha = cv2.GaussianBlur(inner, (0, 0), feather)[..., None] * mask[..., None]
+  blended = alpha * source.astype(np.float32) + (1.0 - alpha) * background.astype(np.float32)
+  return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
-def choose_paste(rng: np.random.Generator, poisson_prob: float):
-  """`poisson_paste` with probability `poisson_prob`, else `copy_paste` (no draw when it is 0 or 1,
-  so the reference setting's random stream is unchanged)."""
+def choose_paste(rng: np.random.Generator, poisson_prob: float, feather: float = 0.0):
+  """`poisson_paste` with probability `poisson_prob`, else `copy_paste` with `feather` (no draw when
+  the probability is 0 or 1, so the reference setting's random stream is unchanged)."""
+  copy = functools.partial(copy_paste, feather=feather)
   if poisson_prob >= 1.0:
     return poisson_paste
   if poisson_prob <= 0.0:
-    return copy_paste
-  return poisson_paste if rng.random() < poisson_prob else copy_paste
+    return copy
+  return poisson_paste if rng.random() < poisson_prob else copy

@@ -64,7 +64,8 @@ class PairMaker:
   def draw_pair(self, rng: np.random.Generator, num_objects: int):
     """One attempt at a pair and its scene keys (source of A and its objects, background of B);
     None when the draw is rejected. May raise ImageReadError."""
-    paste = blend.choose_paste(rng, float(self.config.get('poisson_prob', 1.0)))
+    paste = blend.choose_paste(rng, float(self.config.get('poisson_prob', 1.0)),
+                               float(self.config.get('copy_feather', 0.0)))
     if num_objects == 1:
       draw = self.source.sample_one(rng)
       if draw is None:

@@ -101,8 +101,8 @@ def segswap_loss(pos_a: jax.Array, pos_b: jax.Array, targets: PositiveTargets, n
 
   Returns:
     `loss` (what is minimised), `loss_mask`, `loss_corr`, and the reference's accuracies at 0.5:
-    `acc_pos` over the supervised cells of positives, `acc_neg` over the other cells of positives and every cell
-    of the negatives kept, `acc` their mean; `neg_kept`, the fraction of negatives kept.
+    `acc_pos` over the supervised cells of positives, `acc_neg` over the other cells of positives and
+    every cell of the negatives kept, `acc` their mean; `neg_kept`, the fraction of negatives kept.
   """
   mask_a, mask_b = pos_a[..., 2], pos_b[..., 2]
   bce_sum = (jnp.sum(binary_cross_entropy(mask_a, targets.mask_a))

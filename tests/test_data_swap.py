@@ -86,11 +86,20 @@ def test_copy_paste_and_the_choice_of_blending():
   out = blend.copy_paste(background, source, mask)
   np.testing.assert_array_equal(out[mask], source[mask])
   np.testing.assert_array_equal(out[~mask], background[~mask])
+  # Feathered: nothing changes outside the mask, the centre is the source, the border the background.
+  dark, bright = np.full((40, 40, 3), 10, np.uint8), np.full((40, 40, 3), 250, np.uint8)
+  square = np.zeros((40, 40), bool)
+  square[10:30, 10:30] = True
+  soft = blend.copy_paste(dark, bright, square, feather=2.0)
+  np.testing.assert_array_equal(soft[~square], dark[~square])
+  assert soft[20, 20, 0] >= 245 and soft[20, 10, 0] < 30 and soft[10, 20, 0] < 30
+  assert np.all(np.diff(soft[20, 10:21, 0].astype(int)) >= 0)      # rises monotonically inwards
   # p = 1 and p = 0 draw nothing (the reference's stream is unchanged); p = 0.5 mixes.
   draws = np.random.default_rng(3)
   assert blend.choose_paste(draws, 1.0) is blend.poisson_paste
-  assert blend.choose_paste(draws, 0.0) is blend.copy_paste
+  assert blend.choose_paste(draws, 0.0).func is blend.copy_paste
   assert draws.random() == np.random.default_rng(3).random()
+  assert blend.choose_paste(draws, 0.0, feather=1.5).keywords == {'feather': 1.5}
   chosen = [blend.choose_paste(draws, 0.5) is blend.poisson_paste for _ in range(400)]
   assert 0.4 < np.mean(chosen) < 0.6
 

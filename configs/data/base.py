@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_validation = 1_000       # held-out pairs for evaluation during training
   config.two_object_fraction = 0.5
   config.poisson_prob = 1.0           # Poisson blending (the reference); else a plain copy-paste
+  config.copy_feather = 0.0           # copy-paste alpha edge: Gaussian sigma in pixels (0 = hard edge)
   config.seed = 0
   config.shard_size = 64              # pairs per work shard: the unit of parallelism and of resume
   config.num_workers = 0              # processes; 0 = all CPU cores

@@ -5,8 +5,8 @@
 `python -m segswap_jax.train --config=configs/demo.py` makes them itself (about 40 s on 2 cores).
 Smaller and easier than configs/data/demo.py, so that a model trained from scratch learns something
 visible in minutes (docs/training.md): 128 px (8 x 8 cells), one-object pairs only, objects filling
-50-100% of the background's side, rotations within 5 degrees, at least 6 mask cells, copy-pasted rather
-than Poisson-blended; 2000 + 100 pairs.
+50-100% of the background's side, rotations within 5 degrees, at least 6 mask cells, copy-pasted with a
+feathered edge rather than Poisson-blended; 2000 + 100 pairs.
 """
 from configs.data import demo
 
@@ -19,6 +19,7 @@ def get_config():
   config.two_object_fraction = 0.0
   config.poisson_prob = 0.0           # copy-paste (the paper's baseline blending): a model trained from
                                       # scratch needs far longer for Poisson-tinted objects (docs/training.md)
+  config.copy_feather = 2.0           # ... with a soft edge: a hard one is a shortcut the masks learn
   config.swap.one_object_scale = (0.5, 1.0)
   config.swap.max_angle = 5.0
   config.swap.min_mask_cells = 6.0
