@@ -3,8 +3,8 @@
   python -m segswap_jax.train --config=configs/demo.py --workdir workdirs/demo
 
 Makes the pairs first when missing (configs/data/demo_train.py, into WORKDIR/data), validates on the
-held-out pairs, trains for about 11 minutes on 2 cores, validates again, prints both, and writes
-WORKDIR/predictions.png. No pretrained weights reach the machines this runs on, so instead of the
+held-out pairs, trains for about 12 minutes on 2 cores (13 in all), validates again, prints both, and
+writes WORKDIR/predictions.png. No pretrained weights reach the machines this runs on, so instead of the
 reference's frozen MoCo-v2 ResNet-50 the demo trains a small stride-16 CNN jointly with the tiny
 transformer; measurements behind every choice here are in docs/training.md.
 """

@@ -248,6 +248,11 @@ class UnsupervisedSource(SegmentSource):
     # Images of one group show the same scene (a stereo pair): never source and background of a pair,
     # or B's background would hold unlabelled copies of A's content.
     self.groups = list(groups) if groups is not None else list(range(len(self.paths)))
+    first_of_group = {}
+    for index, group in enumerate(self.groups):
+      first_of_group.setdefault(group, index)
+    # A group's scene key is its first image's: one dict pass, not a list search per pair.
+    self._scene_image = [first_of_group[group] for group in self.groups]
     self._one_per_group = len(set(self.groups)) == len(self.groups)
     if len(set(self.groups)) < 2:
       raise DataError(f'{self.name}: need images of at least 2 different scenes')
@@ -261,7 +266,10 @@ class UnsupervisedSource(SegmentSource):
 
   def scene(self, index: int) -> str:
     """The key of the first image of `index`'s group (a stereo pair shares one)."""
-    return super().scene(self.groups.index(self.groups[index]))
+    return self.scene_key(self.paths[self._scene_image[index]])
+
+  def scene_key(self, path: str) -> str:
+    return os.path.basename(path)
 
   def segments(self, index: int) -> List[np.ndarray]:
     """Unsupervised segments of image `index` at the working size (cached per process)."""
@@ -341,9 +349,9 @@ class FolderSource(UnsupervisedSource):
     self.directory = directory
     super().__init__(paths, **kwargs)
 
-  def scene(self, index: int) -> str:
+  def scene_key(self, path: str) -> str:
     # Relative paths: a/1.jpg and b/1.jpg are different scenes.
-    return os.path.relpath(self.paths[self.groups.index(self.groups[index])], self.directory)
+    return os.path.relpath(path, self.directory)
 
 
 def bundled_image_paths() -> List[str]:

@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eval.retrieval import DataError
 from segswap_jax import geometry
 from segswap_jax import model as model_lib
 from segswap_jax import scoring
-from segswap_jax.multihost import barrier  # noqa: F401 (callers pass batched_scoring.barrier)
+from segswap_jax import multihost
 
 
 def backbone_features(backbone, backbone_vars, images, denormalize: bool = False):
@@ -222,14 +221,9 @@ def gather_rows(local: np.ndarray, num_queries: int) -> np.ndarray:
   count = jax.process_count()
   if count == 1:
     return local
-  per_process = -(-num_queries // count)
-  padded = np.zeros((per_process,) + local.shape[1:], local.dtype)
-  padded[:len(local)] = local
-  stacked = np.asarray(multihost_utils.process_allgather(padded))  # (count, per_process, ...)
+  gathered = multihost.concat_over_processes(local)   # process 0's rows, then process 1's, ...
   out = np.empty((num_queries,) + local.shape[1:], local.dtype)
-  for pid in range(count):
-    rows = query_shard(num_queries, pid, count)
-    out[rows] = stacked[pid, :len(rows)]
+  out[np.concatenate([query_shard(num_queries, pid, count) for pid in range(count)])] = gathered
   return out
 
 

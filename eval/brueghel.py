@@ -30,6 +30,7 @@ from tqdm import tqdm
 from eval import batched_scoring, feature_cache, images, resumable, retrieval
 from eval.retrieval import DataError
 from segswap_jax import checkpoints
+from segswap_jax import multihost
 
 DB_SIZE = 640  # database images and query crops are 640 x 640 -> 40 x 40 cells
 QUERY_BOX_SIZE = 64  # longer side of the query box after resizing
@@ -268,7 +269,7 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
   load_db = lambda name: images.load_resized(os.path.join(image_dir, name), (db_size, db_size))
   start = time.time()
   computed = cache.fill(db_names, load_db, scorer.features, scorer.batch_size, jax.process_index(),
-                        jax.process_count(), batched_scoring.barrier)
+                        jax.process_count(), multihost.barrier)
   cache_s = time.time() - start
   db_rows = cache.rows(db_names)
 

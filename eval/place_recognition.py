@@ -23,6 +23,7 @@ from tqdm import tqdm
 from eval import batched_scoring, feature_cache, images, place_formats, resumable, retrieval
 from eval.retrieval import DataError
 from segswap_jax import checkpoints
+from segswap_jax import multihost
 
 IMAGE_SIZE_WH = (640, 480)  # the reference's (width, height): 40 x 30 cells
 
@@ -90,7 +91,7 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
   start = time.time()
   computed = cache.fill(db_names, load_db,
                         lambda batch: scorer.features(batch, settings.denormalize_candidates),
-                        scorer.batch_size, jax.process_index(), jax.process_count(), batched_scoring.barrier)
+                        scorer.batch_size, jax.process_index(), jax.process_count(), multihost.barrier)
   cache_s = time.time() - start
 
   local = batched_scoring.query_shard(num_queries)
