@@ -1,5 +1,5 @@
 """Data pipeline: generation pairs/s per core, loader batches/s at 480 x 480 with full augmentation, bytes
-per stored pair (issue 3).
+per stored pair.
 
   python -m benchmarks.run --only data [--quick]
 """

@@ -1,4 +1,4 @@
-"""Discovery (issue 6): graph building and clustering time vs collection size; methods on planted repeats.
+"""Discovery: graph building and clustering time vs collection size; methods on planted repeats.
 
   python -m benchmarks.run --only discovery [--quick]
   python -m benchmarks.bench_discovery --checkpoint DIR   # a trained model on the planted collection
@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-from eval import discovery, planted
+from benchmarks import planted
+from eval import discovery
 
 
 def _timed(fn, *args, **kwargs):
@@ -85,7 +86,7 @@ def methods_on_planted(sigmas=(0.8, 1.2, 2.0, 5.0)) -> str:
 def measure_model(checkpoint: str, image_size: int = 480, sigma: float = 2.0, flip: str = 'none',
                   node_threshold: float = discovery.CONF_THRESHOLD) -> str:
   """A trained model on the planted collection: group IoU per method vs chance (markdown)."""
-  from segswap_jax import collection as collection_lib
+  from eval import collection as collection_lib
   from segswap_jax import inference
   patch_cells = image_size // 16 // 3
   planted_set = planted.make_planted_collection(groups=((0, 1, 2, 3, 4), (3, 4, 5, 6, 7)),
@@ -124,9 +125,9 @@ if __name__ == '__main__':
                                    epilog='example: python -m benchmarks.bench_discovery --checkpoint ckpt/demo',
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', default=None, help='measure this model on the planted collection only')
-  parser.add_argument('--image_size', type=int, default=480, help='model input size for --checkpoint')
+  parser.add_argument('--image-size', type=int, default=480, help='square model input size for --checkpoint')
   parser.add_argument('--sigma', type=float, default=2.0, help='sigma for --checkpoint')
-  parser.add_argument('--node_threshold', type=float, default=discovery.CONF_THRESHOLD,
+  parser.add_argument('--node-threshold', type=float, default=discovery.CONF_THRESHOLD,
                       help='mask above which a cell is a graph node, for --checkpoint')
   parser.add_argument('--quick', action='store_true', help='smaller sizes')
   args = parser.parse_args()

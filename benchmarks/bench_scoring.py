@@ -1,11 +1,11 @@
-"""Retrieval scoring throughput: batched + cached vs the reference-style per-pair loop (issue 5).
+"""Retrieval scoring throughput: batched + cached vs the reference-style per-pair loop.
 
 Setting of the Tokyo 24/7 / Pitts30k re-ranking: 640x480 images (40x30 cells), the small transformer
 (the released model's size), random weights (speed does not depend on them), candidates' features read
 from float16 memory as from the feature cache.
 
-  * batched: `CandidateScorer.score` (one jitted call per batch: transformer + weights + segment-max
-    score, candidate axis sharded over the local devices);
+  * batched: `SegSwap.score_candidates` of the inference engine (one jitted call per batch:
+    transformer + weights + segment-max score, candidate axis sharded over the local devices);
   * reference loop: per candidate, the backbone at batch 1 (the reference recomputes candidate features
     for every query), the transformer at batch 1, masks on the host and the Python loop over cells;
   * reference loop without the backbone: the same with cached features (isolates the batching gain).
@@ -18,9 +18,9 @@ import time
 import jax
 import numpy as np
 
-from eval.batched_scoring import CandidateScorer, balanced_batch_size
-from eval.reference_loop import ReferenceLoopScorer
+from benchmarks.reference_loop import ReferenceLoopScorer
 from segswap_jax import checkpoints
+from segswap_jax import inference
 from segswap_jax import model as model_lib
 
 WIDTH, HEIGHT = 640, 480
@@ -55,23 +55,24 @@ def main(quick: bool = False) -> str:
   params = _random_params(config)
   # One Tokyo query: its 100 candidates in balanced batches (32 requested -> 4 calls of 25 on one device).
   num_candidates = 16 if quick else TOKYO_TOPK
-  batch = balanced_batch_size(num_candidates, 8 if quick else 32, jax.local_device_count())
+  batch = inference.balanced_batch_size(num_candidates, 8 if quick else 32, jax.local_device_count())
   loop_candidates = 2 if quick else 4
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, HEIGHT, WIDTH, 3), dtype=np.uint8)
 
-  scorer = CandidateScorer(params, config, batch_size=batch)
-  feats = scorer.features(images)
+  model = inference.SegSwap(params, config)
+  feats = np.asarray(model.features(images, batch_size=batch))
   cached = feats.astype(np.float16)
   read = lambda rows: cached[rows % len(cached)]
-  backbone_s = _timed(lambda: scorer.features(images), 1) / batch
-  batched_s = _timed(lambda: scorer.score(feats[0], num_candidates, read), 1) / num_candidates
-  query_s = _timed(lambda: (scorer.features(images[:1]), scorer.query_mask(feats[0])), 1)
+  backbone_s = _timed(lambda: np.asarray(model.features(images, batch_size=batch)), 1) / batch
+  batched_s = _timed(lambda: model.score_candidates(feats[0], num_candidates, read, batch_size=batch),
+                     1) / num_candidates
+  query_s = _timed(lambda: (np.asarray(model.features(images[:1])), model.query_mask(feats[0])), 1)
   # Small batches too: on a CPU the (pairs, heads, 1200, 1200) attention logits of large batches
   # overflow the caches, so fewer pairs per call can be faster (on accelerators the opposite holds).
-  small = balanced_batch_size(num_candidates, 4, jax.local_device_count())
-  small_scorer = CandidateScorer(params, config, batch_size=small)
-  small_s = _timed(lambda: small_scorer.score(feats[0], num_candidates, read), 1) / num_candidates
+  small = inference.balanced_batch_size(num_candidates, 4, jax.local_device_count())
+  small_s = _timed(lambda: model.score_candidates(feats[0], num_candidates, read, batch_size=small),
+                   1) / num_candidates
 
   loop = ReferenceLoopScorer(params, config)
   loop_full_s = _timed(lambda: loop.score(feats[0], list(images[:loop_candidates]), from_images=True),
@@ -87,7 +88,7 @@ def main(quick: bool = False) -> str:
   lines = [
       f'devices: {jax.local_device_count()} x {device.platform} ({device.device_kind}); '
       f'{num_candidates} candidates in batches of {batch}, {loop_candidates} loop candidates; small transformer; '
-      f'{WIDTH}x{HEIGHT} ({WIDTH // 16}x{HEIGHT // 16} cells)',
+      f'{WIDTH}x{HEIGHT} ({WIDTH // model_lib.FEATURE_STRIDE}x{HEIGHT // model_lib.FEATURE_STRIDE} cells)',
       '',
       '| path | s / candidate | candidates / s | speed-up vs reference loop |',
       '|---|---:|---:|---:|',

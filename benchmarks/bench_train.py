@@ -1,29 +1,29 @@
-"""Train step throughput (issue 4): steps/s, positive pairs/s and achieved FLOP/s vs the matmul peak.
+"""Train step throughput: steps/s, positive pairs/s and achieved FLOP/s vs the matmul peak.
 
 Shapes:
   * coco: the reference recipe, 480x480, frozen ResNet-50 + small transformer, 5 positives + 15 in-batch
     negatives per device (the step also computes the backbone on the 10 images);
   * demo: configs/demo.py's model and batch at its image size.
-The step is the one `segswap_jax.train` runs (jitted on one device here; pmap runs one copy per
+The step is the one `python -m segswap_jax.train` runs (jitted on one device here; pmap runs one copy per
 device). Batches are random arrays of the loader's format: the speed does not depend on their values.
 """
 import jax
 
-from benchmarks import bench_matmul_peak, timing
+from benchmarks import bench_matmul_peak, random_batches, timing
 from configs import coco, demo
 from segswap_jax import model as model_lib
-from segswap_jax import train
-from segswap_jax import train_step as train_step_lib
+from segswap_jax.training import config as config_lib
+from segswap_jax.training import step as step_lib
 
 
 def measure(config, repeats: int):
   """(seconds per step, FLOPs per step) of the jitted train step of a training config."""
-  model_config = train.build_model_config(config)
-  settings = train.training_settings(config)
+  model_config = config_lib.build_model_config(config)
+  settings = config_lib.training_settings(config)
   params = model_lib.init_params(model_config, jax.random.PRNGKey(0))
-  state, frozen = train_step_lib.create_train_state(params, settings)
-  step = jax.jit(train_step_lib.make_train_step(model_config, settings, axis_name=None))
-  batch = train_step_lib.random_batch(config.batch_pos, config.data.image_size)
+  state, frozen = step_lib.create_train_state(params, settings)
+  step = jax.jit(step_lib.make_train_step(model_config, settings, axis_name=None))
+  batch = random_batches.random_batch(config.batch_pos, config.data.image_size)
   flops = timing.compiled_flops(step, state, batch, frozen)
   best, _ = timing.time_call(lambda: step(state, batch, frozen), repeats=repeats)
   return best, flops

@@ -1,4 +1,4 @@
-"""Training settings shared by every training config: the reference recipe (SPEC §2), stage 1.
+"""Training settings shared by every training config: the reference recipe (docs/reference.md §2), stage 1.
 
 Not run directly: `coco.py`, `unsup.py`, `hardmining.py` and `demo.py` start from `get_config()` here.
 Derived values (the step count, the decay step) follow the keys they come from, also when those are
@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 480          # side of the stored pairs (checked against the dataset)
   config.data.num_workers = 0           # grain prefetch processes (0: threads of the training process)
   config.data.num_threads = 8
-  config.data.p_style = 0.5             # SPEC §2 augmentation
+  config.data.p_style = 0.5             # docs/reference.md §2 augmentation
   config.data.p_tps = 0.5
   config.data.tps_grids = (4, 6)
   config.data.p_pad = 0.5

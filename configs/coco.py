@@ -1,4 +1,4 @@
-"""Stage 1 on COCO segment-swapping pairs: the reference recipe (SPEC §2).
+"""Stage 1 on COCO segment-swapping pairs: the reference recipe (docs/reference.md §2).
 
   python -m data_pipeline.generate --config=configs/data/coco.py --data_dir DATA \\
       --config.source_dir=/datasets/coco --config.style.style_dir=/datasets/Brueghel/Image

@@ -1,4 +1,4 @@
-"""AdaIN style transfer in JAX (Huang & Belongie 2017), as the reference stylises its pairs (SPEC §3).
+"""AdaIN style transfer in JAX (Huang & Belongie 2017), as the reference stylises its pairs (docs/reference.md §3).
 
 Encoder: the "normalised" VGG-19 up to relu4_1 (a 1x1 input conv, then 3x3 convs with reflection
 padding, ReLU, 2x2 max-pools with ceil mode). Decoder: its mirror (reflection-padded 3x3 convs, ReLU,
@@ -18,7 +18,6 @@ then generate with `--config.style.kind=adain --config.style.adain_weights=adain
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 from typing import Dict, List, Sequence, Tuple
@@ -27,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipeline.errors import DataError
+from segswap_jax import cli
+from segswap_jax.errors import DataError
 
 # (PyTorch module index, in channels, out channels, kernel) of each conv, and where pools/upsamplings go.
 ENCODER_CONVS = ((0, 3, 3, 1), (2, 3, 64, 3), (5, 64, 64, 3), (9, 64, 128, 3), (12, 128, 128, 3),
@@ -228,19 +228,18 @@ class AdaINStylizer:
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.command
+def main(argv=None) -> int:
+  parser = cli.parser('python -m data_pipeline.adain', __doc__,
+                      'python -m data_pipeline.adain --vgg vgg_normalised.pth --decoder decoder.pth --out adain.npz')
   parser.add_argument('--vgg', required=True, help='vgg_normalised.pth (PyTorch state dict)')
   parser.add_argument('--decoder', required=True, help='decoder.pth (PyTorch state dict)')
-  parser.add_argument('--out', required=True, help='output .npz for --config.style.adain_weights')
+  cli.add_out(parser, 'output .npz for --config.style.adain_weights', required=True)
   args = parser.parse_args(argv)
-  try:
-    convert(args.vgg, args.decoder, args.out)
-  except DataError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  convert(args.vgg, args.decoder, args.out)
   print(args.out)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

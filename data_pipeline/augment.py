@@ -1,4 +1,4 @@
-"""Training-time augmentation of one stored pair (SPEC §2), in numpy, for the grain loader.
+"""Training-time augmentation of one stored pair (docs/reference.md §2), in numpy, for the grain loader.
 
 Per sample, with the sample's own random generator:
   1. each image is replaced by its stylised version with probability `p_style` (0.5);
@@ -29,9 +29,9 @@ import cv2
 import numpy as np
 
 from data_pipeline import builder
-from data_pipeline.errors import DataError
+from segswap_jax.errors import DataError
 from segswap_jax import geometry
-from segswap_jax.model import IMAGENET_MEAN, IMAGENET_STD
+from segswap_jax.features import IMAGENET_MEAN, IMAGENET_STD
 
 _MEAN = np.asarray(IMAGENET_MEAN, np.float32) * 255.0
 _INV_STD = 1.0 / (np.asarray(IMAGENET_STD, np.float32) * 255.0)
@@ -39,7 +39,7 @@ _INV_STD = 1.0 / (np.asarray(IMAGENET_STD, np.float32) * 255.0)
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Probabilities of SPEC §2 (reference values)."""
+  """Probabilities of docs/reference.md §2 (reference values)."""
   p_style: float = 0.5
   p_tps: float = 0.5
   tps_grids: Tuple[int, ...] = (4, 6)
@@ -47,7 +47,7 @@ class AugmentConfig:
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
-  """RGB uint8 `(H, W, 3)` -> ImageNet-normalised float32 (same numbers as `model.normalize_images`)."""
+  """RGB uint8 `(H, W, 3)` -> ImageNet-normalised float32 (same numbers as `features.normalize_images`)."""
   # OpenCV's per-channel scalar ops: the same float32 arithmetic as numpy's, 4x faster.
   return cv2.multiply(cv2.subtract(image.astype(np.float32), (*_MEAN.tolist(), 0.0)),
                       (*_INV_STD.tolist(), 0.0))
@@ -99,7 +99,7 @@ class ThinPlateSpline:
 
 
 def random_tps(rng: np.random.Generator, grids: Sequence[int] = (4, 6)) -> ThinPlateSpline:
-  """SPEC §2's random warp as f: warped frame -> original frame (f(moved point) = grid point)."""
+  """docs/reference.md §2's random warp as f: warped frame -> original frame (f(moved point) = grid point)."""
   grid = int(grids[int(rng.integers(len(grids)))])
   axis = np.linspace(-1.0, 1.0, grid)
   xs, ys = np.meshgrid(axis, axis)

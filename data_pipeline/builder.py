@@ -27,7 +27,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipeline.errors import DataError
+from segswap_jax.errors import DataError
 
 NAME = 'segswap_pairs'
 VERSION = '1.1.0'
@@ -55,7 +55,7 @@ def features() -> tfds.features.FeaturesDict:
 
 
 class SegswapPairs(tfds.core.GeneratorBasedBuilder):
-  """Synthetic co-segmentation pairs made by segment swapping (SPEC §3)."""
+  """Synthetic co-segmentation pairs made by segment swapping (docs/reference.md §3)."""
 
   VERSION = tfds.core.Version(VERSION)
   RELEASE_NOTES = {
@@ -83,7 +83,7 @@ class SegswapPairs(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description='Synthetic co-segmentation pairs made by segment swapping (SPEC section 3).',
+        description='Synthetic co-segmentation pairs made by segment swapping (docs/reference.md section 3).',
         features=features(),
         metadata=tfds.core.MetadataDict(self.generation_metadata),
         homepage='https://arxiv.org/abs/2110.15904',

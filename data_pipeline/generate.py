@@ -1,7 +1,7 @@
-"""Generates segment-swapping pairs into the TFDS ArrayRecord dataset `segswap_pairs` (SPEC §3).
+"""Generates segment-swapping pairs into the TFDS ArrayRecord dataset `segswap_pairs` (docs/reference.md §3).
 
-  python -m data_pipeline.generate --config=configs/data/demo.py --data_dir /tmp/segswap_data
-  python -m data_pipeline.generate --config=configs/data/coco.py --data_dir DATA \\
+  python -m data_pipeline.generate --config=configs/data/demo.py --data-dir /tmp/segswap_data
+  python -m data_pipeline.generate --config=configs/data/coco.py --data-dir DATA \\
       --config.source_dir=/datasets/coco --config.num_pairs=20000
 
 Runs in parallel over CPU cores (`--config.num_workers`, 0 = all), shows a progress bar, is
@@ -27,8 +27,9 @@ from ml_collections import config_flags
 
 from data_pipeline import builder
 from data_pipeline import shards
-from data_pipeline.errors import DataError
-from segswap_jax import config_cli
+from segswap_jax.errors import ConfigError, DataError
+from segswap_jax.model import FEATURE_STRIDE
+from segswap_jax import cli
 
 # Settings that change how the work is done, not what is made.
 _EXECUTION_KEYS = ('num_workers', 'keep_work')
@@ -45,8 +46,8 @@ def fingerprint(config) -> Dict[str, object]:
 
 
 def check_config(config) -> None:
-  if config.image_size % 16 or config.image_size < 64:
-    raise DataError(f'image_size must be a multiple of 16 and >= 64, got {config.image_size}')
+  if config.image_size % FEATURE_STRIDE or config.image_size < 64:
+    raise DataError(f'image_size must be a multiple of {FEATURE_STRIDE} and >= 64, got {config.image_size}')
   if config.num_pairs < 1:
     raise DataError(f'num_pairs must be >= 1, got {config.num_pairs}')
   if not 0.0 <= config.two_object_fraction <= 1.0:
@@ -81,7 +82,7 @@ def _check_work_dir(work_dir: str, expected: Dict[str, object]) -> None:
     if found != expected:
       differ = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
       raise DataError(f'{work_dir} holds shards of another config (differs in: {", ".join(differ)}); '
-                      'use another --data_dir or delete that folder')
+                      'use another --data-dir or delete that folder')
   else:
     with open(path + '.tmp', 'w') as f:
       json.dump(expected, f, indent=1, sort_keys=True)
@@ -94,7 +95,7 @@ def _existing_dataset(path: str, expected: Dict[str, object]) -> bool:
   metadata = builder.load_builder(path).info.metadata or {}
   if metadata.get('generation') != expected:
     raise DataError(f'{path} already holds a dataset made with another config; use another '
-                    '--data_dir or delete it')
+                    '--data-dir or delete it')
   return True
 
 
@@ -202,24 +203,22 @@ def define_flags() -> None:
   """The command line (defined only when run as a program, so importing this module defines none)."""
   config_flags.DEFINE_config_file('config', None, 'Data config file, e.g. configs/data/demo.py.',
                                   lock_config=True)
-  flags.DEFINE_string('data_dir', None, 'TFDS data dir that receives segswap_pairs/.')
+  flags.DEFINE_string('data-dir', None, 'TFDS data dir that receives segswap_pairs/.')
 
 
+@cli.absl_main
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}')
   args = flags.FLAGS
-  if args.config is None or not args.data_dir:
-    raise app.UsageError('--config and --data_dir are required')
+  data_dir = args['data-dir'].value
+  if args.config is None or not data_dir:
+    raise ConfigError('--config and --data-dir are required, e.g. --config=configs/data/demo.py '
+                      '--data-dir /tmp/segswap_data')
   logging.set_verbosity(logging.WARNING)  # TFDS logs every file it writes at INFO.
-  try:
-    path = generate(args.config, args.data_dir)
-  except DataError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-  print(path)
+  print(generate(args.config, data_dir))
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=config_cli.parse_flags)
+  app.run(main, flags_parser=cli.parse_absl_flags)

@@ -14,7 +14,7 @@
 or the DATA_DIR given to it when it holds one dataset.
 Batches: image_a, image_b float32 (D, B, H, W, 3) ImageNet-normalised; corr_a, corr_b float32
 (D, B, h, w, 2); mask_a, mask_b float32 (D, B, h, w); pad_b bool (D, B, h, w) (True = background token
-of B removed as a key). Positives only: the in-batch negatives and the per-batch A/B swap of SPEC §2 are
+of B removed as a key). Positives only: the in-batch negatives and the per-batch A/B swap of docs/reference.md §2 are
 formed in the jitted train step, which sees the whole batch.
 
 Pipeline: ArrayRecord source (JPEG bytes, decoded only for the image each sample uses) -> shuffle (a
@@ -40,7 +40,7 @@ import numpy as np
 
 from data_pipeline import augment
 from data_pipeline import builder
-from data_pipeline.errors import DataError
+from segswap_jax.errors import DataError
 
 
 def _ensure_absl_flags_parsed():
@@ -150,7 +150,7 @@ def make_train_loader(data_dir: str, *, per_device_batch: int, num_devices: Opti
     num_devices: D; default `jax.local_device_count()`.
     seed: shuffling and augmentation seed; the same seed gives the same batches.
     image_size: expected side of the stored pairs (checked); default: the stored size.
-    augment_config: SPEC §2 probabilities.
+    augment_config: docs/reference.md §2 probabilities.
     num_epochs: None = repeat forever.
     num_workers: prefetching worker processes (0: threads of this process).
     worker_buffer: batches' worth of samples buffered per worker.

@@ -1,4 +1,4 @@
-"""Segment sources: the objects that segment swapping pastes into other images (SPEC §3).
+"""Segment sources: the objects that segment swapping pastes into other images (docs/reference.md §3).
 
 Three sources share one interface, `SegmentSource`:
   * `BundledSource`: the colour photographs shipped inside the scikit-image wheel, with unsupervised
@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from data_pipeline.errors import DataError, ImageReadError
+from segswap_jax.errors import DataError, ImageError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -71,18 +71,18 @@ def read_image(path: str, max_side: int = 640, min_side: int = 0) -> np.ndarray:
   """Reads an image file as RGB uint8 `(H, W, 3)`, long side shrunk to at most `max_side`.
 
   Grey images are replicated to 3 channels, 16-bit ones scaled to 8 bits, and transparent ones
-  composited onto white. Raises `ImageReadError` (naming the file) if OpenCV cannot decode it or its
+  composited onto white. Raises `ImageError` (naming the file) if OpenCV cannot decode it or its
   short side is below `min_side`.
   """
   image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
   if image is None or image.size == 0:
     if not os.path.exists(path):
-      raise ImageReadError(path, 'file not found')
-    raise ImageReadError(path, 'not a readable image (corrupt or unsupported format)')
+      raise ImageError(path, 'file not found')
+    raise ImageError(path, 'not a readable image (corrupt or unsupported format)')
   if image.dtype == np.uint16:
     image = (image // 257).astype(np.uint8)
   elif image.dtype != np.uint8:
-    raise ImageReadError(path, f'unsupported pixel type {image.dtype}')
+    raise ImageError(path, f'unsupported pixel type {image.dtype}')
   if image.ndim == 2:
     image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
   elif image.shape[2] == 4:
@@ -93,7 +93,7 @@ def read_image(path: str, max_side: int = 640, min_side: int = 0) -> np.ndarray:
     image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
   height, width = image.shape[:2]
   if min(height, width) < min_side:
-    raise ImageReadError(path, f'too small ({width}x{height} px; need at least {min_side} px on the '
+    raise ImageError(path, f'too small ({width}x{height} px; need at least {min_side} px on the '
                          'short side)')
   scale = max_side / max(height, width)
   if scale < 1.0:
@@ -169,10 +169,10 @@ _SEGMENT_CACHE_SIZE = 64
 
 
 class SegmentSource(abc.ABC):
-  """Images with objects, and the reference's way of drawing them (SPEC §3).
+  """Images with objects, and the reference's way of drawing them (docs/reference.md §3).
 
   Sampling takes a `np.random.Generator`, so a pair's draw depends only on its own seed.
-  Methods that read images raise `ImageReadError` for an unusable file (the caller skips and counts).
+  Methods that read images raise `ImageError` for an unusable file (the caller skips and counts).
   """
 
   name: str = 'source'
@@ -226,7 +226,7 @@ class SegmentSource(abc.ABC):
       try:
         self.load_image(index)
         return
-      except ImageReadError as e:
+      except ImageError as e:
         errors.append(str(e))
     raise DataError(f'{self.name}: none of the first {len(errors)} images is usable, e.g. {errors[0]}')
 
@@ -456,7 +456,7 @@ class CocoSource(SegmentSource):
         warnings.simplefilter('ignore', DeprecationWarning)
         mask = self.coco.annToMask(self.coco.anns[segment.key]).astype(bool)
     except Exception as e:  # pycocotools raises assorted errors on malformed polygons.
-      raise ImageReadError(self.image_path(segment.image),
+      raise ImageError(self.image_path(segment.image),
                            f'annotation {segment.key} has an unusable segmentation ({e})') from e
     return resize_mask(mask, height, width)
 

@@ -19,7 +19,7 @@ from data_pipeline import builder
 from data_pipeline import segments
 from data_pipeline import style
 from data_pipeline import swap
-from data_pipeline.errors import DataError, ImageReadError
+from segswap_jax.errors import DataError, ImageError
 
 SPLIT_CODES = {'train': 0, 'validation': 1}
 
@@ -63,7 +63,7 @@ class PairMaker:
 
   def draw_pair(self, rng: np.random.Generator, num_objects: int):
     """One attempt at a pair and its scene keys (source of A and its objects, background of B);
-    None when the draw is rejected. May raise ImageReadError."""
+    None when the draw is rejected. May raise ImageError."""
     paste = blend.choose_paste(rng, float(self.config.get('poisson_prob', 1.0)),
                                float(self.config.get('copy_feather', 0.0)))
     if num_objects == 1:
@@ -99,7 +99,7 @@ class PairMaker:
         pair, scene_a, scene_background = drawn
         styled_a = self.stylizer(pair.image_a, rng)
         styled_b = self.stylizer(pair.image_b, rng)
-      except ImageReadError as e:
+      except ImageError as e:
         stats['bad_images'][e.path] = e.reason
         continue
       stats['pairs'] += 1

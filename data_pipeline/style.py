@@ -1,4 +1,4 @@
-"""Stylised versions of the pair images (SPEC §3: `image_a_styled`, `image_b_styled`).
+"""Stylised versions of the pair images (docs/reference.md §3: `image_a_styled`, `image_b_styled`).
 
 Two stylisers, picked by `config.style.kind`:
   * 'adain': AdaIN style transfer (VGG-19 to relu4_1 + trained decoder, `data_pipeline/adain.py`), as
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from data_pipeline import segments
-from data_pipeline.errors import DataError
+from segswap_jax.errors import DataError
 
 Stylizer = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
@@ -89,7 +89,7 @@ class ClassicalStylizer:
     return self._stats[index]
 
   def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """RGB uint8 `(H, W, 3)` -> stylised RGB uint8 `(H, W, 3)`; raises ImageReadError for a bad style."""
+    """RGB uint8 `(H, W, 3)` -> stylised RGB uint8 `(H, W, 3)`; raises ImageError for a bad style."""
     index = int(rng.integers(len(self.style_paths)))
     mean, std = self._style_stats(index)
     return painterly_filter(transfer_colour(image, mean, std, rng.uniform(0.0, 1.0)), rng)

@@ -1,4 +1,4 @@
-"""Segment swapping (SPEC §3): the placement chain as one affine map, and its exact ground truth.
+"""Segment swapping (docs/reference.md §3): the placement chain as one affine map, and its exact ground truth.
 
 A pair is image A (the source image, resized to S x S) and image B (a background with the object of A
 pasted in by Poisson blending). The object's journey from A to B (aspect change, rotation, crop to its
@@ -25,8 +25,9 @@ import cv2
 import numpy as np
 
 from segswap_jax import geometry
+from segswap_jax.model import FEATURE_STRIDE
 
-STRIDE = 16  # Backbone stride: one feature cell = 16 x 16 pixels.
+STRIDE = FEATURE_STRIDE  # one feature cell = 16 x 16 pixels
 
 
 @dataclasses.dataclass
@@ -238,7 +239,7 @@ def inside(xy: np.ndarray) -> np.ndarray:
 
 def cycle_consistent_masks(mask_a: np.ndarray, corr_a: np.ndarray, corr_b: np.ndarray
                            ) -> Tuple[np.ndarray, np.ndarray]:
-  """SPEC §3's cycle-consistent masks from A's cell mask `(h, w)`: returns (mask_a, mask_b)."""
+  """docs/reference.md §3's cycle-consistent masks from A's cell mask `(h, w)`: returns (mask_a, mask_b)."""
   inside_a, inside_b = inside(corr_a), inside(corr_b)
   mask_b = geometry.warp_map(mask_a, corr_b) * inside_b
   mask_a = mask_a * geometry.warp_map(mask_b, corr_a) * inside_a

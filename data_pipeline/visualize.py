@@ -1,6 +1,6 @@
 """Contact sheet of stored pairs: masks overlaid and a sample of ground-truth correspondence lines.
 
-  python -m data_pipeline.visualize --data_dir /tmp/segswap_data --n 16 --out pairs.png
+  python -m data_pipeline.visualize --data-dir /tmp/segswap_data --n 16 --out pairs.png
 
 Each pair is a 2 x 2 block: top A | B with their cell masks tinted (red in A, green in B; opacity =
 mask value) and lines from a few object cells of A to where `corr_a` sends them in B; bottom the
@@ -8,7 +8,6 @@ stylised A | B. The label gives the pair index and its number of objects.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -16,7 +15,8 @@ import cv2
 import numpy as np
 
 from data_pipeline import builder
-from data_pipeline.errors import DataError
+from segswap_jax import cli
+from segswap_jax.errors import DataError
 
 _RED, _GREEN = np.array([255, 40, 40], np.float32), np.array([40, 255, 80], np.float32)
 
@@ -77,25 +77,23 @@ def contact_sheet(data_dir: str, n: int = 16, split: str = 'train', tile: int = 
   return sheet
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--data_dir', required=True, help='the data dir given to generate, or a dataset dir')
-  parser.add_argument('--n', type=int, default=16, help='number of pairs')
-  parser.add_argument('--out', default='pairs.png', help='output PNG')
+@cli.command
+def main(argv=None) -> int:
+  parser = cli.parser('python -m data_pipeline.visualize', __doc__,
+                      'python -m data_pipeline.visualize --data-dir /tmp/segswap_data --n 16 --out pairs.png')
+  cli.add_data_dir(parser, 'the data dir given to generate, or a dataset dir')
+  parser.add_argument('--n', type=cli.positive_int, default=16, help='number of pairs')
+  cli.add_out(parser, 'output PNG', default='pairs.png')
   parser.add_argument('--split', default='train', help='train or validation')
-  parser.add_argument('--tile', type=int, default=160, help='side of each image in the sheet (px)')
-  parser.add_argument('--lines', type=int, default=8, help='correspondence lines per pair')
+  parser.add_argument('--tile', type=cli.positive_int, default=160, help='side of each image in the sheet (px)')
+  parser.add_argument('--lines', type=cli.nonnegative_int, default=8, help='correspondence lines per pair')
   args = parser.parse_args(argv)
-  try:
-    sheet = contact_sheet(args.data_dir, args.n, args.split, args.tile, args.lines)
-  except DataError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  sheet = contact_sheet(args.data_dir, args.n, args.split, args.tile, args.lines)
   if not cv2.imwrite(args.out, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
-    print(f'error: cannot write {args.out}', file=sys.stderr)
-    sys.exit(1)
+    raise DataError(f'{args.out}: cannot write the picture')
   print(args.out)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

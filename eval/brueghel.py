@@ -1,9 +1,9 @@
-r"""Brueghel one-shot detail retrieval and detection (SPEC §6, REFERENCE_EVAL §3).
+r"""Brueghel one-shot detail retrieval and detection (docs/reference.md §6).
 
-  python -m eval.brueghel --checkpoint checkpoints/segswap_official --data_dir data/Brueghel \
+  python -m eval.brueghel --checkpoint checkpoints/segswap_official --data-dir data/Brueghel \
       --split test --out results/brueghel_test.json
 
-Expected under --data_dir: Image/ (the database, indexed by sorted file name) and brueghelVal.json /
+Expected under --data-dir: Image/ (the database, indexed by sorted file name) and brueghelVal.json /
 brueghelTest.json ({category: [{"query": [image, [x1, y1, x2, y2]], "gt": [[image, box], ...]}]}).
 Every database image is resized to 640x640 and its backbone features cached; each query is resized so
 that its box's longer side is 64 px (sides multiples of 16), cropped to 640 around the box, and scored
@@ -14,7 +14,6 @@ cells (docs/retrieval.md), scored as ArtMiner does (IoU > 0.3, first 1,000 predi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,17 +23,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from eval import batched_scoring, feature_cache, images, resumable, retrieval
-from eval.retrieval import DataError
+from eval import feature_cache, resumable, retrieval
 from segswap_jax import checkpoints
+from segswap_jax import cli
+from segswap_jax import images
+from segswap_jax import inference
 from segswap_jax import multihost
+from segswap_jax.errors import DataError
+from segswap_jax.model import FEATURE_STRIDE as STRIDE
 
 DB_SIZE = 640  # database images and query crops are 640 x 640 -> 40 x 40 cells
 QUERY_BOX_SIZE = 64  # longer side of the query box after resizing
-STRIDE = 16
 NUM_STATS = 11
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 SPLIT_FILES = {'val': 'brueghelVal.json', 'test': 'brueghelTest.json'}
@@ -87,15 +88,6 @@ def list_database(image_dir: str) -> List[str]:
   if not names:
     raise DataError(f'no images in {image_dir}')
   return names
-
-
-def image_size(path: str) -> Tuple[int, int]:
-  """(width, height) from the file header."""
-  try:
-    with Image.open(path) as image:
-      return image.size
-  except (OSError, ValueError) as e:
-    raise DataError(f'cannot read image {path} ({type(e).__name__}: {e})') from None
 
 
 # -- query preprocessing (reference `preprocess_qry.py`, `get_qry_bb`; Python round = half to even) ----
@@ -159,7 +151,7 @@ def prepare_query(path: str, box: Sequence[float], crop_size: int = DB_SIZE, box
   image = images.open_rgb(path)
   new_size, new_box = query_resize(image.size, box, box_size, crop_size)
   window, crop_box = query_crop(new_size, new_box, crop_size)
-  crop = image.resize(new_size, resample=Image.BICUBIC).crop(tuple(window))
+  crop = image.resize(new_size, resample=images.BICUBIC).crop(tuple(window))
   return np.asarray(crop, np.uint8), crop_box, query_cell_mask(crop_box, -(-crop_size // STRIDE))
 
 
@@ -207,7 +199,7 @@ def detection_boxes(stats: np.ndarray, crop_box: Sequence[float], crop_wh: Tuple
 
   Per axis, a weighted least-squares line target = scale * source + offset is fitted from the query
   cell centres to their predicted positions in the candidate (weights = the retrieval weight of each
-  cell, `batched_scoring.correspondence_stats`); the query box (in [0, 1] of the query crop) is mapped
+  cell, `scoring.correspondence_stats`); the query box (in [0, 1] of the query crop) is mapped
   through it. `center='coarse'` instead centres the mapped box on the reference's coarse location (the
   unweighted mean of the predicted positions). A fit without weight or with a non-positive slope
   falls back to scale 1 around the coarse location. Scales are clipped to `scale_range`.
@@ -262,18 +254,18 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
         raise DataError(f'{SPLIT_FILES[split]}: image {name!r} of category {category} is not in {image_dir}')
   queries = queries[:num_queries] if num_queries else queries
 
-  scorer = batched_scoring.CandidateScorer(params, config, batched_scoring.balanced_batch_size(
-      len(db_names) - 1, batch_size, jax.local_device_count()))
+  model = inference.SegSwap(params, config)
+  batch_size = inference.balanced_batch_size(len(db_names) - 1, batch_size, model.num_devices)
   cache = feature_cache.model_feature_cache(cache_dir, params['backbone'], (db_size, db_size), 'imagenet',
                                             cache_dtype, config.feature_dim)
-  load_db = lambda name: images.load_resized(os.path.join(image_dir, name), (db_size, db_size))
+  load_db = lambda name: images.load_image(os.path.join(image_dir, name), (db_size, db_size))
   start = time.time()
-  computed = cache.fill(db_names, load_db, scorer.features, scorer.batch_size, jax.process_index(),
-                        jax.process_count(), multihost.barrier)
+  computed = cache.fill(db_names, load_db, lambda batch: model.features(batch, batch_size=len(batch)),
+                        batch_size, jax.process_index(), jax.process_count(), multihost.barrier)
   cache_s = time.time() - start
   db_rows = cache.rows(db_names)
 
-  local = batched_scoring.query_shard(len(queries))
+  local = multihost.query_shard(len(queries))
   n_db = len(db_names)
   key = {'split': split, 'db': db_names, 'num_queries': len(queries), 'cache': cache.meta, 'box_size': box_size}
   progress = resumable.QueryProgress(work_dir, jax.process_index(),
@@ -287,22 +279,23 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
     category, j = queries[local[i]]
     name, box = label[category][j]['query']
     crop, crop_box, cells = prepare_query(os.path.join(image_dir, name), box, db_size, box_size)
-    feat_q = scorer.features(crop[None])[0]
+    feat_q = model.features(crop[None])[0]
     own = index_of[name]
     others = np.delete(db_rows, own)
-    result = scorer.score(feat_q, n_db - 1, lambda positions: cache.read(others[positions]), init_mask=cells)
+    result = model.score_candidates(feat_q, n_db - 1, lambda positions: cache.read(others[positions]),
+                                    init_mask=cells, batch_size=batch_size)
     progress.set(i, scores=np.insert(result['score'], own, -np.inf),
                  stats=np.insert(result['stats'], own, 0.0, axis=0),
                  crop=np.array([*crop_box, crop.shape[1], crop.shape[0]], np.float32))
   progress.flush()
   score_s = time.time() - start
-  scores = batched_scoring.gather_rows(progress.arrays['scores'], len(queries))
-  stats = batched_scoring.gather_rows(progress.arrays['stats'], len(queries))
-  crops = batched_scoring.gather_rows(progress.arrays['crop'], len(queries))
+  scores = multihost.gather_rows(progress.arrays['scores'], len(queries))
+  stats = multihost.gather_rows(progress.arrays['stats'], len(queries))
+  crops = multihost.gather_rows(progress.arrays['crop'], len(queries))
   if jax.process_index() != 0:
     return None
 
-  db_wh = np.array([image_size(os.path.join(image_dir, n)) for n in db_names], np.float64)
+  db_wh = np.array([images.image_size(os.path.join(image_dir, n))[::-1] for n in db_names], np.float64)
   per_query, coarse_out = [], {c: [] for c in label}
   for q, (category, j) in enumerate(queries):
     item = label[category][j]
@@ -343,49 +336,47 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
                    'num_db': n_db, 'num_queries': len(queries), 'db_size': db_size, 'box_size': box_size},
       'table': table,
       'timing': {'cache_fill_s': cache_s, 'db_images_computed': computed, 'scoring_s': score_s,
-                 'processes': jax.process_count(), 'devices_per_process': len(scorer.devices)},
+                 'processes': jax.process_count(), 'devices_per_process': model.num_devices},
       'queries': per_query,
       'coarse': coarse_out,
   }
 
 
+@cli.command
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--checkpoint', required=True, help='segswap-jax model checkpoint directory')
-  parser.add_argument('--data_dir', required=True, help='folder with Image/ and the Brueghel jsons')
+  parser = cli.parser('python -m eval.brueghel', __doc__,
+                      'python -m eval.brueghel --checkpoint CKPT --data-dir data/Brueghel --split test '
+                      '--out results/brueghel_test.json')
+  cli.add_checkpoint(parser)
+  cli.add_data_dir(parser, 'folder with Image/ and the Brueghel jsons')
   parser.add_argument('--split', choices=sorted(SPLIT_FILES), default='test')
-  parser.add_argument('--batch_size', type=int, default=32, help='candidates per device batch (all devices)')
-  parser.add_argument('--out', default='brueghel_results.json', help='results JSON')
-  parser.add_argument('--out_coarse', default=None,
+  cli.add_batch_size(parser, 32, 'candidates per forward call (all local devices)')
+  cli.add_out(parser, 'results JSON', default='brueghel_results.json')
+  parser.add_argument('--out-coarse', default=None,
                       help='also write the reference --out-coarse JSON: {category: [per query: '
                            '[[cx, cy, score, is_gt, db_idx], ...] by score]}')
-  parser.add_argument('--det_iou', type=float, default=0.3, help='IoU above which a detection is correct')
-  parser.add_argument('--det_max_predictions', type=int, default=1000, help="ArtMiner's nbPred")
-  parser.add_argument('--det_center', choices=('fit', 'coarse'), default='fit',
+  parser.add_argument('--det-iou', type=float, default=0.3, help='IoU above which a detection is correct')
+  parser.add_argument('--det-max-predictions', type=cli.positive_int, default=1000, help="ArtMiner's nbPred")
+  parser.add_argument('--det-center', choices=('fit', 'coarse'), default='fit',
                       help='detection box centre: least-squares fit, or the reference coarse location')
-  parser.add_argument('--cache_dir', default=None, help='feature cache root (default: OUT_dir/feature_cache)')
-  parser.add_argument('--cache_dtype', choices=('float16', 'float32'), default='float16')
-  parser.add_argument('--num_queries', type=int, default=None, help='only the first N queries (quick check)')
-  parser.add_argument('--db_size', type=int, default=DB_SIZE,
+  parser.add_argument('--cache-dir', default=None, help='feature cache root (default: OUT_dir/feature_cache)')
+  parser.add_argument('--cache-dtype', choices=('float16', 'float32'), default='float16')
+  parser.add_argument('--num-queries', type=cli.positive_int, default=None,
+                      help='only the first N queries (quick check)')
+  parser.add_argument('--db-size', type=cli.positive_int, default=DB_SIZE,
                       help='database side and query crop in px (the reference: 640; change for quick checks only)')
-  parser.add_argument('--query_box_size', type=int, default=QUERY_BOX_SIZE,
+  parser.add_argument('--query-box-size', type=cli.positive_int, default=QUERY_BOX_SIZE,
                       help="query box's longer side after resizing (the reference: 64)")
-  parser.add_argument('--coordinator_address', default=None, help='multi-host: HOST:PORT of process 0')
-  parser.add_argument('--num_processes', type=int, default=1, help='multi-host: number of processes')
-  parser.add_argument('--process_id', type=int, default=0, help='multi-host: this process')
+  cli.add_multihost(parser)
   args = parser.parse_args(argv)
-  try:
-    batched_scoring.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    params, config = checkpoints.load_model(args.checkpoint)
-    results = evaluate(
-        args.data_dir, args.split, params, config, args.batch_size,
-        cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'feature_cache'),
-        cache_dtype=args.cache_dtype, work_dir=args.out + '.partial', det_iou=args.det_iou,
-        det_max_predictions=args.det_max_predictions, det_center=args.det_center, num_queries=args.num_queries,
-        db_size=args.db_size, box_size=args.query_box_size)
-  except (DataError, checkpoints.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  multihost.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  params, config = checkpoints.load_model(args.checkpoint)
+  results = evaluate(
+      args.data_dir, args.split, params, config, args.batch_size,
+      cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'feature_cache'),
+      cache_dtype=args.cache_dtype, work_dir=args.out + '.partial', det_iou=args.det_iou,
+      det_max_predictions=args.det_max_predictions, det_center=args.det_center, num_queries=args.num_queries,
+      db_size=args.db_size, box_size=args.query_box_size)
   if results is not None:
     coarse = results.pop('coarse')
     results = dict({'checkpoint': os.path.abspath(args.checkpoint)}, **results)

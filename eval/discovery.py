@@ -1,8 +1,8 @@
-"""Discovery: from the model's outputs on the pairs of a collection to repeated patterns (SPEC §5).
+"""Discovery: from the model's outputs on the pairs of a collection to repeated patterns (docs/reference.md §7).
 
 Host-side numpy + scipy.sparse; the node x node affinity is only ever held sparse. Two methods:
 
-* `reference` (SPEC §5, REFERENCE_EVAL §4 step B), reproduced rule for rule: top-5 partners per image,
+* `reference` (docs/reference.md §7 "Graph"), reproduced rule for rule: top-5 partners per image,
   confident nodes (mask > 0.85) from the side with more of them, de-duplicated; 3-cycle affinities
   (2-cycle optional, off as in the official runs) with k(d) = exp(-d / sigma); entries <= 0.01 dropped;
   leading eigenvector (`eigsh(k=1, v0=ones)`) with the reference's sign rule; per-image 30x30 maps in
@@ -31,8 +31,9 @@ import scipy.sparse.linalg
 
 from eval import graph_clusters
 from segswap_jax import geometry
+from segswap_jax.errors import DataError
 
-# Reference defaults (REFERENCE_EVAL §4 step B).
+# Reference defaults (docs/reference.md §7 "Graph").
 TOP_K = 5
 CONF_THRESHOLD = 0.85
 MIN_WEIGHT = 0.01
@@ -42,10 +43,6 @@ GRABCUT_ITERATIONS = 5
 SPACE_LOG = 1.1
 # A pair is kept when its best directed score exceeds 1% of the cells (9 at 30 x 30).
 KEEP_FRACTION = 0.01
-
-
-class DiscoveryError(ValueError):
-  """Inputs that discovery cannot use; the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +77,12 @@ def make_pair_set(num_images: int, pairs, out_a, out_b, scores) -> PairSet:
   scores = np.asarray(scores, np.float64).reshape(-1, 2)
   k = len(pairs)
   if out_a.shape[:1] != (k,) or out_b.shape[:1] != (k,) or len(scores) != k:
-    raise DiscoveryError(f'pair results disagree in length: pairs {pairs.shape}, out_a {out_a.shape}, '
+    raise DataError(f'pair results disagree in length: pairs {pairs.shape}, out_a {out_a.shape}, '
                          f'out_b {out_b.shape}, scores {scores.shape}')
   if k and (out_a.ndim != 4 or out_a.shape[-1] != 3 or out_a.shape != out_b.shape):
-    raise DiscoveryError(f'outputs must be (K, h, w, 3) on both sides, got {out_a.shape} and {out_b.shape}')
+    raise DataError(f'outputs must be (K, h, w, 3) on both sides, got {out_a.shape} and {out_b.shape}')
   if k and (pairs.min() < 0 or pairs.max() >= num_images or np.any(pairs[:, 0] == pairs[:, 1])):
-    raise DiscoveryError(f'pair indices must be distinct images in [0, {num_images})')
+    raise DataError(f'pair indices must be distinct images in [0, {num_images})')
   # Orient every pair as i < j, swapping its sides and scores where needed.
   swap = pairs[:, 0] > pairs[:, 1]
   pairs = np.where(swap[:, None], pairs[:, ::-1], pairs)
@@ -95,7 +92,7 @@ def make_pair_set(num_images: int, pairs, out_a, out_b, scores) -> PairSet:
   order = np.lexsort((pairs[:, 1], pairs[:, 0]))
   pairs = pairs[order]
   if k > 1 and np.any(np.all(pairs[1:] == pairs[:-1], axis=1)):
-    raise DiscoveryError('a pair of images appears twice in the pair results')
+    raise DataError('a pair of images appears twice in the pair results')
   return PairSet(int(num_images), pairs, out_a[order], out_b[order], scores[order])
 
 
@@ -176,7 +173,7 @@ def rounded_targets(outputs: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def extract_nodes(pair_set: PairSet, used: np.ndarray, conf_threshold: float = CONF_THRESHOLD) -> Nodes:
-  """Confident nodes of the used pairs (SPEC §5 step 3).
+  """Confident nodes of the used pairs (docs/reference.md §7 "Graph" step 2).
 
   Per used pair, the side with more cells whose mask exceeds `conf_threshold` (ties: side j) gives the
   nodes: its confident cells with their rounded predicted cell in the other image; a pair with no
@@ -298,7 +295,7 @@ def three_cycle_blocks(nodes: Nodes, pair_set: PairSet):
 
 
 def _three_cycle_entries(nodes: Nodes, pair_set: PairSet, sigma: float, min_weight: float):
-  """3-cycle edges (SPEC §5 step 4) between nodes a (of block 1) and b (of block 2).
+  """3-cycle edges (docs/reference.md §7 "Graph" step 3) between nodes a (of block 1) and b (of block 2).
 
   w = exp(-|a_u - b_u| / sigma) * 0.5 * [exp(-|T_pq(a_p) - b_q| / sigma) + exp(-|a_p - T_qp(b_q)| / sigma)]
       * conf_a * conf_b, with u the shared image, p and q the other ends and T the rounded predicted
@@ -354,12 +351,12 @@ def _three_cycle_entries(nodes: Nodes, pair_set: PairSet, sigma: float, min_weig
 
 def affinity(nodes: Nodes, pair_set: PairSet, sigma: float, two_cycle: bool = False,
              three_cycle: bool = True, min_weight: float = MIN_WEIGHT) -> scipy.sparse.csr_matrix:
-  """Sparse symmetric node affinity (SPEC §5 step 4), float32 CSR `(N, N)`; entries <= min_weight dropped.
+  """Sparse symmetric node affinity (docs/reference.md §7 "Graph" step 3), float32 CSR `(N, N)`; entries <= min_weight dropped.
 
   The official runs use `two_cycle=False, three_cycle=True` (`--only3cycle`).
   """
   if sigma <= 0:
-    raise DiscoveryError(f'sigma must be positive, got {sigma}')
+    raise DataError(f'sigma must be positive, got {sigma}')
   n = len(nodes)
   parts = []
   if two_cycle:
@@ -398,7 +395,7 @@ def prefix_energies(matrix: scipy.sparse.spmatrix, order: np.ndarray) -> np.ndar
 
 
 def sign_and_energy(matrix: scipy.sparse.spmatrix, vector: np.ndarray, space_log: float = SPACE_LOG):
-  """The reference's sign rule for an eigenvector (REFERENCE_EVAL §4 step B.5).
+  """The reference's sign rule for an eigenvector (docs/reference.md §7 "Graph" step 4).
 
   Nodes sorted by the vector ascending ('negative' end first) and descending ('positive' end first); at
   each reference prefix size the energy of the normalised indicator is computed; the sign whose best
@@ -448,7 +445,7 @@ def leading_eigenvector(matrix: scipy.sparse.spmatrix, space_log: float = SPACE_
 # ----------------------------------------------------------------------------------------------------
 
 def image_maps(nodes: Nodes, values: np.ndarray, num_images: int) -> np.ndarray:
-  """Per-image `(num_images, h, w)` maps in the reference's 'sum' mode (SPEC §5 step 6).
+  """Per-image `(num_images, h, w)` maps in the reference's 'sum' mode (docs/reference.md §7 "Graph" steps 5-6).
 
   Each node adds its value at its cell in both images of its pair. Within one pair a cell hit by several
   nodes gets the value of the last of them (numpy's `a[idx] = a[idx] + v` with repeated indices);
@@ -482,7 +479,7 @@ def upsample(cell_map: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def grabcut_labels(soft: np.ndarray, fg_threshold: float = FG_THRESHOLD, dilate: int = DILATE) -> np.ndarray:
-  """GrabCut initial labels from a full-resolution soft map (REFERENCE_EVAL §4 step B.7).
+  """GrabCut initial labels from a full-resolution soft map (docs/reference.md §7 "Graph" step 6).
 
   GC_FGD (1) where value > fg_threshold * max; GC_PR_BGD (2) on the ring added by a `dilate` x `dilate`
   square dilation of the positive area (anchored like skimage's `dilation`: 5 pixels up/left, 4
@@ -504,7 +501,7 @@ def grabcut_labels(soft: np.ndarray, fg_threshold: float = FG_THRESHOLD, dilate:
 def soft_to_binary(cell_map: np.ndarray, image_bgr: np.ndarray, fg_threshold: float = FG_THRESHOLD,
                    dilate: int = DILATE, iterations: int = GRABCUT_ITERATIONS,
                    grabcut: bool = True) -> np.ndarray:
-  """A per-image cell map -> bool `(H, W)` foreground mask at the image's resolution (SPEC §5 step 6).
+  """A per-image cell map -> bool `(H, W)` foreground mask at the image's resolution (docs/reference.md §7 "Graph" steps 5-6).
 
   Upsampled bilinearly to the image size; no positive value -> all background; else GrabCut
   (`iterations`, initialised by `grabcut_labels`), foreground = GC_FGD or GC_PR_FGD. When GrabCut cannot
@@ -591,7 +588,7 @@ def _pattern(nodes: Nodes, members: np.ndarray, values: np.ndarray, energy: floa
 def discover_reference(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
                        conf_threshold: float = CONF_THRESHOLD, two_cycle: bool = False,
                        three_cycle: bool = True, min_weight: float = MIN_WEIGHT) -> Discovery:
-  """SPEC §5 steps 2-6: one pattern, the leading eigenvector; `maps` are the reference's 'sum' maps."""
+  """docs/reference.md §7 "Graph" steps 1-6: one pattern, the leading eigenvector; `maps` are the reference's 'sum' maps."""
   nodes, matrix = build_graph(pair_set, sigma, top_k, conf_threshold, two_cycle, three_cycle, min_weight)
   vector = leading_eigenvector(matrix)
   maps = image_maps(nodes, vector, pair_set.num_images)
@@ -656,5 +653,5 @@ METHODS = {'reference': discover_reference, 'patterns': discover_patterns}
 def discover(pair_set: PairSet, method: str = 'reference', sigma: float = 1.0, **kwargs) -> Discovery:
   """Runs a discovery method by name (`METHODS`)."""
   if method not in METHODS:
-    raise DiscoveryError(f'unknown discovery method {method!r}; expected one of {sorted(METHODS)}')
+    raise DataError(f'unknown discovery method {method!r}; expected one of {sorted(METHODS)}')
   return METHODS[method](pair_set, sigma, **kwargs)

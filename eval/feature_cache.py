@@ -30,7 +30,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from eval.retrieval import DataError
+from segswap_jax.errors import DataError
+from segswap_jax.model import FEATURE_STRIDE
 
 INDEX_FILE = 'index.json'
 
@@ -236,7 +237,7 @@ def model_feature_cache(root: str, backbone_params, image_hw, normalization: str
   reused by hand.
   """
   height, width = image_hw
-  stride = 16
+  stride = FEATURE_STRIDE
   meta = {
       'fingerprint': fingerprint_tree(backbone_params),
       'image_size': [height, width],

@@ -1,11 +1,11 @@
 """Internet dataset (Object Discovery, Rubinstein et al. 2013) co-segmentation: precision P and Jaccard J.
 
-  python -m eval.internet --checkpoint checkpoints/segswap_official --data_dir data/Internet \
+  python -m eval.internet --checkpoint checkpoints/segswap_official --data-dir data/Internet \
       --classes Airplane100 Car100 Horse100 --method reference --sigma reference 2.0 --out internet.json
 
-Layout (REFERENCE_EVAL §4): `<data_dir>/<Class>100/` holds the images and `GroundTruth/` one PNG mask per
-image (name with .jpg -> .png, read as bool). Per class every pair of images runs at 480 x 480 with the
-flip rule (`segswap_jax.collection`), results cached under `--cache_dir` (a rerun resumes); discovery
+Layout (docs/reference.md §7): `<data_dir>/<Class>100/` holds the images and `GroundTruth/` one PNG mask
+per image (name with .jpg -> .png, read as bool). Per class every pair of images runs at 480 x 480 with
+the flip rule (`eval.collection`), results cached under `--cache-dir` (a rerun resumes); discovery
 (`eval.discovery`) gives per-image maps, GrabCut turns them into masks at the original resolution, and
 P (fraction of correctly labelled pixels, every image) and J (foreground IoU, images whose ground truth
 is not empty) are averaged per class and then over classes. Paper: P 0.928, J 0.70 (average of 3).
@@ -28,7 +28,13 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
+from eval import collection
 from eval import discovery
+from segswap_jax import cli
+from segswap_jax import errors
+from segswap_jax import images as images_lib
+from segswap_jax import inference
+from segswap_jax.errors import DataError
 
 CLASSES = ('Airplane100', 'Car100', 'Horse100')
 REFERENCE_SIGMA = {'Airplane': 0.8, 'Car': 5.0, 'Horse': 1.2}
@@ -38,10 +44,6 @@ DEFAULT_SIGMA = 2.0
 PAPER = {'P': 0.928, 'J': 0.70}
 IMAGE_SIZE = 480
 GT_DIR = 'GroundTruth'
-
-
-class DataError(ValueError):
-  """A dataset directory or file that cannot be used; the message names it."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,13 +108,9 @@ def class_pairs(model, class_dir: str, cache_dir: Optional[str], flip: str = 're
                 denormalize: bool = False, batch_size: int = 32, image_size: int = IMAGE_SIZE,
                 checkpoint: str = '') -> discovery.PairSet:
   """Runs every pair of a class (itertools.combinations order) and returns the kept pairs."""
-  from segswap_jax import collection, inference  # device side: only needed when pairs are computed
   names = list_images(class_dir)
-  try:
-    images = np.stack([inference.load_image(os.path.join(class_dir, n), (image_size, image_size))
-                       for n in tqdm(names, desc=f'load {os.path.basename(class_dir)}', leave=False)])
-  except inference.ImageError as e:
-    raise DataError(str(e)) from e
+  images = np.stack([images_lib.load_image(os.path.join(class_dir, n), (image_size, image_size))
+                     for n in tqdm(names, desc=f'load {os.path.basename(class_dir)}', leave=False)])
   pairs = np.array(list(itertools.combinations(range(len(names)), 2)), np.int64)
   return collection.score_pairs(model, images, pairs, cache_dir=cache_dir, flip=flip, denormalize=denormalize,
                                 batch_size=batch_size, cache_key=dict(checkpoint=checkpoint, images=names),
@@ -183,7 +181,7 @@ def check_classes(data_dir: str, classes: Sequence[str], methods: Sequence[str],
     raise DataError(f'{data_dir}: no such data directory')
   for method in methods:
     if method not in discovery.METHODS:
-      raise DataError(f'unknown method {method!r}; expected one of {sorted(discovery.METHODS)}')
+      raise errors.ConfigError(f'unknown method {method!r}; expected one of {sorted(discovery.METHODS)}')
   class_dirs = {os.path.basename(c.rstrip('/')): os.path.join(data_dir, c) for c in classes}
   for name, path in class_dirs.items():
     for image_name in list_images(path):
@@ -242,47 +240,40 @@ def _sigma_value(text: str):
   return value
 
 
+@cli.command
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      epilog='example: python -m eval.internet --checkpoint checkpoints/segswap_official '
-             '--data_dir data/Internet --sigma reference 2.0 --out internet.json',
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--checkpoint', required=True, help='segswap-jax checkpoint directory')
-  parser.add_argument('--data_dir', required=True, help='folder holding Airplane100/, Car100/, Horse100/')
+  parser = cli.parser('python -m eval.internet', __doc__,
+                      'python -m eval.internet --checkpoint checkpoints/segswap_official '
+                      '--data-dir data/Internet --sigma reference 2.0 --out internet.json')
+  cli.add_checkpoint(parser)
+  cli.add_data_dir(parser, 'folder holding Airplane100/, Car100/, Horse100/')
   parser.add_argument('--classes', nargs='+', default=list(CLASSES), help='class folders (default: all 3)')
   parser.add_argument('--method', nargs='+', default=['reference'], choices=sorted(discovery.METHODS),
                       help='discovery method(s) (default reference)')
   parser.add_argument('--sigma', nargs='+', type=_sigma_value, default=['reference', DEFAULT_SIGMA],
                       help='"reference" (per-class 0.8/5/1.2) and/or numbers in cells, one row each '
                            f'(default: reference {DEFAULT_SIGMA})')
-  parser.add_argument('--flip', default='reference', choices=['reference', 'corrected', 'none'],
+  parser.add_argument('--flip', default='reference', choices=list(collection.FLIP_MODES),
                       help='mirrored second image: released handling (default), corrected, or off')
   parser.add_argument('--denormalize', action='store_true',
                       help='feed x*std+mean like the released loader (default: standard normalisation)')
-  parser.add_argument('--two_cycle', action='store_true', help='add 2-cycle edges (off in the official runs)')
-  parser.add_argument('--no_grabcut', action='store_true', help='threshold the maps without GrabCut')
-  parser.add_argument('--batch_size', type=int, default=32, help='pairs per device batch (default 32)')
-  parser.add_argument('--image_size', type=int, default=IMAGE_SIZE,
-                      help=f'square model input size, a multiple of 16 (default {IMAGE_SIZE}, the paper\'s)')
-  parser.add_argument('--cache_dir', default=None,
+  parser.add_argument('--two-cycle', action='store_true', help='add 2-cycle edges (off in the official runs)')
+  parser.add_argument('--no-grabcut', action='store_true', help='threshold the maps without GrabCut')
+  cli.add_batch_size(parser, 32, 'pairs per forward call')
+  cli.add_image_size(parser, (IMAGE_SIZE, IMAGE_SIZE), "square model input size (the paper's)", square=True)
+  parser.add_argument('--cache-dir', default=None,
                       help='pair-output cache (default: <out>.pairs/ next to --out); reruns resume')
-  parser.add_argument('--out', default='internet_results.json', help='results JSON')
+  cli.add_out(parser, 'results JSON', default='internet_results.json')
   args = parser.parse_args(argv)
+  height, width = args.image_size
+  if height != width:
+    raise errors.ConfigError(f'--image-size {height} {width}: the Internet evaluation runs square images')
   cache_dir = args.cache_dir or os.path.splitext(os.path.abspath(args.out))[0] + '.pairs'
-  try:
-    from segswap_jax import checkpoints, collection, inference
-    check_classes(args.data_dir, args.classes, args.method, args.sigma)
-    try:
-      model = inference.SegSwap.load(args.checkpoint)
-      results = evaluate(model, args.data_dir, args.classes, args.method, args.sigma, args.flip,
-                         args.denormalize, cache_dir, args.batch_size, not args.no_grabcut, args.two_cycle,
-                         checkpoint=os.path.abspath(args.checkpoint), image_size=args.image_size)
-    except (checkpoints.CheckpointError, collection.CollectionError, inference.ImageError) as e:
-      raise DataError(str(e)) from e
-  except (DataError, discovery.DiscoveryError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  check_classes(args.data_dir, args.classes, args.method, args.sigma)
+  model = inference.SegSwap.load(args.checkpoint)
+  results = evaluate(model, args.data_dir, args.classes, args.method, args.sigma, args.flip,
+                     args.denormalize, cache_dir, args.batch_size, not args.no_grabcut, args.two_cycle,
+                     checkpoint=os.path.abspath(args.checkpoint), image_size=height)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(results, f, indent=1)

@@ -1,18 +1,19 @@
-r"""Pitts30k-test re-ranking evaluation (SPEC §4, REFERENCE_EVAL §2).
+r"""Pitts30k-test re-ranking evaluation (docs/reference.md §4-5).
 
-  python -m eval.pitts30k --checkpoint checkpoints/segswap_official --data_dir data/Pitts \
-      --topk 100 --batch_size 32 --out results/pitts30k.json
+  python -m eval.pitts30k --checkpoint checkpoints/segswap_official --data-dir data/Pitts \
+      --topk 100 --batch-size 32 --out results/pitts30k.json
 
-Expected under --data_dir (the Pittsburgh 250k root, see docs/retrieval.md): database images by their
+Expected under --data-dir (the Pittsburgh 250k root, see docs/retrieval.md): database images by their
 list names (e.g. 000/000829_pitch1_yaw1.jpg), queries_real/, and either the reference's
 pitts_test_qry_list.npy, pitts_test_qry_utm.npy, pitts_test_db_list.npy, pitts_test_db_utm.npy or
 NetVLAD's pitts30k_test.mat (mixable), plus the baseline top100_patchVlad.npy. Reports Recall@1/5/10/100
-(25 m) for the baseline and the re-ranked order; no spatial NMS. --denormalize_candidates reproduces the
+(25 m) for the baseline and the re-ranked order; no spatial NMS. --denormalize-candidates reproduces the
 released candidate loader.
 """
 import sys
 
 from eval import place_recognition
+from segswap_jax import cli
 
 LAYOUT = place_recognition.Layout(
     name='pitts30k',
@@ -26,6 +27,7 @@ LAYOUT = place_recognition.Layout(
 )
 
 
+@cli.command
 def main(argv=None) -> int:
   return place_recognition.run_cli(LAYOUT, __doc__, argv)
 

@@ -1,5 +1,5 @@
 """On-disk formats of the place-recognition benchmarks (Tokyo 24/7, Pitts30k): image lists, UTM positions,
-baseline rankings, and NetVLAD's `.mat` dbStruct (REFERENCE_EVAL §1-2).
+baseline rankings, NetVLAD's `.mat` dbStruct (docs/reference.md §5), and where a list entry's image is.
 
 Two sources of lists and positions, mixable item by item:
   * the reference's .npy files: query list, database list (names relative to the query / database
@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from eval.retrieval import DataError, load_npy
+from eval.retrieval import load_npy
+from segswap_jax.errors import DataError
 
 ITEMS = ('qry_list', 'qry_utm', 'db_list', 'db_utm')
 
@@ -142,3 +143,30 @@ def load_place_dataset(npy_files: Dict[str, str], mat_path: Optional[str], qry_d
     raise DataError(f'empty query or database list ({sources["qry_list"]}, {sources["db_list"]})')
   return PlaceDataset(values['qry_list'], values['qry_utm'], values['db_list'], values['db_utm'],
                       qry_dir, db_dir, sources)
+
+
+# Some copies of the datasets ship .png where the lists say .jpg (Tokyo 24/7) and vice versa.
+_SWAPPABLE_EXTENSIONS = ('.jpg', '.png', '.jpeg')
+
+
+def resolve(name: str, roots: Sequence[str]) -> str:
+  """Finds the file for a list entry under the first root that has it.
+
+  Tried per root, in order: `root/name`, then with the other image extension, then the bare file name
+  (lists written for another folder layout) and its other extension.
+
+  Raises DataError naming the entry and the first path tried when nothing exists.
+  """
+  variants = []
+  for base in dict.fromkeys([name, os.path.basename(name)]):
+    stem, ext = os.path.splitext(base)
+    variants.append(base)
+    if ext.lower() in _SWAPPABLE_EXTENSIONS:
+      variants += [stem + e for e in _SWAPPABLE_EXTENSIONS if e != ext.lower()]
+  for root in roots:
+    for variant in variants:
+      path = os.path.join(root, variant)
+      if os.path.isfile(path):
+        return path
+  raise DataError(f'image not found: {os.path.join(roots[0], name)} (list entry {name!r})')
+

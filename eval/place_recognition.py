@@ -1,4 +1,4 @@
-"""Re-ranking a baseline's top-K for place recognition (Tokyo 24/7, Pitts30k), SPEC §4, REFERENCE_EVAL §1-2.
+"""Re-ranking a baseline's top-K for place recognition (Tokyo 24/7, Pitts30k), docs/reference.md §4-5.
 
 Pipeline: baseline ranking -> database features of every candidate in anyone's top-K, cached on disk
 once -> per query (queries spread over processes): query features, self-pair mask, all K candidates
@@ -8,7 +8,6 @@ without the spatial NMS where the benchmark has one; rankings and the table go t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -20,12 +19,15 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from eval import batched_scoring, feature_cache, images, place_formats, resumable, retrieval
-from eval.retrieval import DataError
+from eval import feature_cache, place_formats, resumable, retrieval
 from segswap_jax import checkpoints
+from segswap_jax import cli
+from segswap_jax import images
+from segswap_jax import inference
 from segswap_jax import multihost
+from segswap_jax.errors import DataError
 
-IMAGE_SIZE_WH = (640, 480)  # the reference's (width, height): 40 x 30 cells
+IMAGE_SIZE = (480, 640)  # the reference's (height, width): 30 x 40 cells
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Settings:
   cache_dir: str = 'feature_cache'
   cache_dtype: str = 'float16'
   num_queries: Optional[int] = None  # evaluate only the first N queries (quick checks)
-  image_size_wh: Sequence[int] = IMAGE_SIZE_WH
+  image_size: Sequence[int] = IMAGE_SIZE  # (height, width)
 
 
 def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline_source: str,
@@ -79,22 +81,21 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
   topk = min(settings.topk, ranking.shape[1])
   candidates = ranking[:, :topk]
 
-  batch_size = batched_scoring.balanced_batch_size(topk, settings.batch_size, jax.local_device_count())
-  scorer = batched_scoring.CandidateScorer(params, config, batch_size)
-  size_wh = tuple(settings.image_size_wh)
-  width, height = size_wh
+  model = inference.SegSwap(params, config)
+  batch_size = inference.balanced_batch_size(topk, settings.batch_size, model.num_devices)
+  size = tuple(settings.image_size)
   normalization = 'denormalized' if settings.denormalize_candidates else 'imagenet'
-  cache = feature_cache.model_feature_cache(settings.cache_dir, params['backbone'], (height, width),
+  cache = feature_cache.model_feature_cache(settings.cache_dir, params['backbone'], size,
                                             normalization, settings.cache_dtype, config.feature_dim)
   db_names = [dataset.db_names[i] for i in np.unique(candidates)]
-  load_db = lambda name: images.load_resized(images.resolve(name, [dataset.db_dir]), size_wh)
+  load_db = lambda name: images.load_image(place_formats.resolve(name, [dataset.db_dir]), size)
   start = time.time()
   computed = cache.fill(db_names, load_db,
-                        lambda batch: scorer.features(batch, settings.denormalize_candidates),
-                        scorer.batch_size, jax.process_index(), jax.process_count(), multihost.barrier)
+                        lambda batch: model.features(batch, normalization, batch_size=len(batch)),
+                        batch_size, jax.process_index(), jax.process_count(), multihost.barrier)
   cache_s = time.time() - start
 
-  local = batched_scoring.query_shard(num_queries)
+  local = multihost.query_shard(num_queries)
   key = {'dataset': dataset.sources, 'baseline': baseline_source, 'topk': topk, 'num_queries': num_queries,
          'cache': cache.meta}
   progress = resumable.QueryProgress(work_dir, jax.process_index(), {'scores': ((topk,), 'float32')},
@@ -106,15 +107,16 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
     if progress.done[i]:
       continue
     q = local[i]
-    query = images.load_resized(images.resolve(dataset.qry_names[q], [dataset.qry_dir]), size_wh)
-    feat_q = scorer.features(query[None])[0]
+    query = images.load_image(place_formats.resolve(dataset.qry_names[q], [dataset.qry_dir]), size)
+    feat_q = model.features(query[None])[0]
     rows = cache.rows([dataset.db_names[j] for j in candidates[q]])
-    result = scorer.score(feat_q, topk, lambda positions: cache.read(rows[positions]))
+    result = model.score_candidates(feat_q, topk, lambda positions: cache.read(rows[positions]),
+                                    batch_size=batch_size)
     progress.set(i, scores=result['score'])
     scored += topk
   progress.flush()
   score_s = time.time() - start
-  scores = batched_scoring.gather_rows(progress.arrays['scores'], num_queries)
+  scores = multihost.gather_rows(progress.arrays['scores'], num_queries)
   if jax.process_index() != 0:
     return None
 
@@ -127,7 +129,7 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
   recalls = {name: retrieval.recall_at_n(r, qry_utm, dataset.db_utm, settings.recall_ns,
                                          settings.dist_threshold) for name, r in variants.items()}
   return {
-      'settings': dict(dataclasses.asdict(settings), topk=topk, image_size_wh=list(size_wh),
+      'settings': dict(dataclasses.asdict(settings), topk=topk, image_size=list(size),
                        nms_group=nms_group, num_queries=num_queries),
       'sources': dict(dataset.sources, baseline=baseline_source, qry_dir=dataset.qry_dir,
                       db_dir=dataset.db_dir, feature_cache=cache.directory),
@@ -136,7 +138,7 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
       'timing': {'cache_fill_s': cache_s, 'db_images_computed': computed, 'scoring_s': score_s,
                  'candidates_scored': scored * jax.process_count(),
                  'candidates_per_s': scored / score_s if scored and score_s > 0 else None,
-                 'batch_per_call': scorer.batch_size, 'devices_per_process': len(scorer.devices),
+                 'batch_per_call': batch_size, 'devices_per_process': model.num_devices,
                  'processes': jax.process_count()},
       'queries': [{'name': dataset.qry_names[q],
                    'baseline': ranking[q, :topk].tolist(),
@@ -145,60 +147,57 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
   }
 
 
-def build_parser(layout: Layout, description: str) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--checkpoint', required=True, help='segswap-jax model checkpoint directory')
-  parser.add_argument('--data_dir', required=True, help='dataset root (see docs/retrieval.md for the layout)')
-  parser.add_argument('--topk', type=int, default=100, help='baseline candidates re-ranked per query')
-  parser.add_argument('--batch_size', type=int, default=32, help='candidates per device batch (all devices)')
-  parser.add_argument('--out', default=f'{layout.name}_results.json', help='results JSON')
-  parser.add_argument('--denormalize_candidates', action='store_true',
-                      help='feed candidates as x*std+mean like the released loader (REFERENCE_EVAL §0)')
+def build_parser(layout: Layout, description: str) -> cli.Parser:
+  parser = cli.parser(f'python -m eval.{layout.name}', description,
+                      f'python -m eval.{layout.name} --checkpoint CKPT --data-dir data/{layout.name} '
+                      f'--out results/{layout.name}.json')
+  cli.add_checkpoint(parser)
+  cli.add_data_dir(parser, 'dataset root (see docs/retrieval.md for the layout)')
+  parser.add_argument('--topk', type=cli.positive_int, default=100, help='baseline candidates re-ranked per query')
+  cli.add_batch_size(parser, 32, 'candidates per forward call (all local devices)')
+  cli.add_out(parser, 'results JSON', default=f'{layout.name}_results.json')
+  parser.add_argument('--denormalize-candidates', action='store_true',
+                      help='feed candidates as x*std+mean like the released loader (docs/reference.md §10)')
   parser.add_argument('--source', choices=('auto', 'npy', 'mat'), default='auto',
                       help='lists/positions from the .npy files, the dbStruct .mat, or each from whichever exists')
-  parser.add_argument('--lists_dir', default=None, help=f'folder of the .npy lists (default: --data_dir)')
+  parser.add_argument('--lists-dir', default=None, help='folder of the .npy lists (default: --data-dir)')
   parser.add_argument('--mat', default=None, help=f'dbStruct .mat (default: DATA_DIR/{layout.mat_file})')
   parser.add_argument('--ranking', default=None,
                       help=f'baseline scores / indices (default: LISTS_DIR/{layout.ranking_file})')
-  parser.add_argument('--qry_dir', default=None, help=f'query images (default: DATA_DIR/{layout.qry_subdir})')
-  parser.add_argument('--db_dir', default=None, help=f'database images (default: DATA_DIR/{layout.db_subdir})')
-  parser.add_argument('--dist_threshold', type=float, default=25.0, help='metres for a correct match')
-  parser.add_argument('--cache_dir', default=None, help='feature cache root (default: OUT_dir/feature_cache)')
-  parser.add_argument('--cache_dtype', choices=('float16', 'float32'), default='float16')
-  parser.add_argument('--num_queries', type=int, default=None, help='only the first N queries (quick check)')
-  parser.add_argument('--image_size', type=int, nargs=2, default=list(IMAGE_SIZE_WH), metavar=('W', 'H'),
-                      help='input size of queries and candidates (the reference: 640 480; multiples of 16)')
-  parser.add_argument('--coordinator_address', default=None, help='multi-host: HOST:PORT of process 0')
-  parser.add_argument('--num_processes', type=int, default=1, help='multi-host: number of processes')
-  parser.add_argument('--process_id', type=int, default=0, help='multi-host: this process')
+  parser.add_argument('--qry-dir', default=None, help=f'query images (default: DATA_DIR/{layout.qry_subdir})')
+  parser.add_argument('--db-dir', default=None, help=f'database images (default: DATA_DIR/{layout.db_subdir})')
+  parser.add_argument('--dist-threshold', type=cli.positive_float, default=25.0,
+                      help='metres for a correct match (default 25)')
+  parser.add_argument('--cache-dir', default=None, help='feature cache root (default: OUT_dir/feature_cache)')
+  parser.add_argument('--cache-dtype', choices=('float16', 'float32'), default='float16')
+  parser.add_argument('--num-queries', type=cli.positive_int, default=None,
+                      help='only the first N queries (quick check)')
+  cli.add_image_size(parser, IMAGE_SIZE, 'input size of queries and candidates (the reference: 480 640)')
+  cli.add_multihost(parser)
   return parser
 
 
 def run_cli(layout: Layout, description: str, argv: Optional[List[str]] = None) -> int:
   """Parses flags, runs `evaluate`, prints the table, writes the JSON (process 0). Returns the exit code."""
   args = build_parser(layout, description).parse_args(argv)
-  try:
-    batched_scoring.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    lists_dir = args.lists_dir or args.data_dir
-    dataset = place_formats.load_place_dataset(
-        {item: os.path.join(lists_dir, name) for item, name in layout.npy_files.items()},
-        args.mat or os.path.join(args.data_dir, layout.mat_file),
-        args.qry_dir or os.path.join(args.data_dir, layout.qry_subdir),
-        args.db_dir or os.path.join(args.data_dir, layout.db_subdir), args.source)
-    ranking_path = args.ranking or os.path.join(lists_dir, layout.ranking_file)
-    baseline = retrieval.load_npy(ranking_path, 'baseline ranking', mmap=True)
-    params, config = checkpoints.load_model(args.checkpoint)
-    settings = Settings(topk=args.topk, batch_size=args.batch_size,
-                        denormalize_candidates=args.denormalize_candidates, dist_threshold=args.dist_threshold,
-                        cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
-                                                                 'feature_cache'),
-                        cache_dtype=args.cache_dtype, num_queries=args.num_queries,
-                        image_size_wh=tuple(args.image_size))
-    results = evaluate(dataset, baseline, ranking_path, params, config, settings, layout.nms_group,
-                       work_dir=args.out + '.partial')
-  except (DataError, checkpoints.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  multihost.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  lists_dir = args.lists_dir or args.data_dir
+  dataset = place_formats.load_place_dataset(
+      {item: os.path.join(lists_dir, name) for item, name in layout.npy_files.items()},
+      args.mat or os.path.join(args.data_dir, layout.mat_file),
+      args.qry_dir or os.path.join(args.data_dir, layout.qry_subdir),
+      args.db_dir or os.path.join(args.data_dir, layout.db_subdir), args.source)
+  ranking_path = args.ranking or os.path.join(lists_dir, layout.ranking_file)
+  baseline = retrieval.load_npy(ranking_path, 'baseline ranking', mmap=True)
+  params, config = checkpoints.load_model(args.checkpoint)
+  settings = Settings(topk=args.topk, batch_size=args.batch_size,
+                      denormalize_candidates=args.denormalize_candidates, dist_threshold=args.dist_threshold,
+                      cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                                               'feature_cache'),
+                      cache_dtype=args.cache_dtype, num_queries=args.num_queries,
+                      image_size=tuple(args.image_size))
+  results = evaluate(dataset, baseline, ranking_path, params, config, settings, layout.nms_group,
+                     work_dir=args.out + '.partial')
   if results is not None:
     results = dict({'dataset': layout.name, 'checkpoint': os.path.abspath(args.checkpoint)}, **results)
     retrieval.write_json(args.out, results)

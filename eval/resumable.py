@@ -13,7 +13,7 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
-from eval.retrieval import DataError
+from segswap_jax.errors import DataError
 
 
 class QueryProgress:

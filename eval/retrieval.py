@@ -1,6 +1,6 @@
 """Rankings and their metrics for place recognition: baseline rankings, re-ranking, spatial NMS, Recall@N.
 
-Host-side numpy only (the jitted candidate scoring lives in `eval/batched_scoring.py`).
+Host-side numpy only (the jitted candidate scoring lives in the inference engine, `segswap_jax.inference`).
 
 Conventions:
   * A ranking is an int32 matrix `(num_queries, depth)` of database indices, best first; -1 pads rows
@@ -15,11 +15,9 @@ from typing import Dict, Sequence
 
 import numpy as np
 
+from segswap_jax.errors import DataError
+
 RECALL_NS = (1, 5, 10, 100)
-
-
-class DataError(ValueError):
-  """Bad or inconsistent evaluation input; the message names the file/key/value at fault."""
 
 
 def load_npy(path: str, what: str, mmap: bool = False) -> np.ndarray:
@@ -87,7 +85,7 @@ def _is_index_matrix(matrix: np.ndarray, num_db: int) -> bool:
 def rerank(ranking: np.ndarray, scores: np.ndarray) -> np.ndarray:
   """Re-sorts the first `K = scores.shape[1]` entries of each row by descending score.
 
-  Entries past K keep the baseline order (SPEC §4 step 3: a pure re-sort, no score fusion). Ties keep
+  Entries past K keep the baseline order (docs/reference.md §4 step 5: a pure re-sort, no score fusion). Ties keep
   the baseline order (stable sort).
 
   Args:

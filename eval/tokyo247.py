@@ -1,17 +1,18 @@
-r"""Tokyo 24/7 re-ranking evaluation (SPEC §4, REFERENCE_EVAL §1).
+r"""Tokyo 24/7 re-ranking evaluation (docs/reference.md §4-5).
 
-  python -m eval.tokyo247 --checkpoint checkpoints/segswap_official --data_dir data/Tokyo247 \
-      --topk 100 --batch_size 32 --out results/tokyo247.json
+  python -m eval.tokyo247 --checkpoint checkpoints/segswap_official --data-dir data/Tokyo247 \
+      --topk 100 --batch-size 32 --out results/tokyo247.json
 
-Expected under --data_dir (see docs/retrieval.md): query/247query_subset_v2/, database/, and either the
+Expected under --data-dir (see docs/retrieval.md): query/247query_subset_v2/, database/, and either the
 reference's qry_list.npy, qry_utm.npy, db_list.npy, db_utm.npy or NetVLAD's tokyo247.mat (mixable), plus
 the baseline top100_patchVlad.npy (query x database scores, or query x K database indices). Reports
 Recall@1/5/10/100 for the baseline and the re-ranked order, each with and without the spatial NMS over
-the 12 cut-outs of a panorama. --denormalize_candidates reproduces the released candidate loader.
+the 12 cut-outs of a panorama. --denormalize-candidates reproduces the released candidate loader.
 """
 import sys
 
 from eval import place_recognition
+from segswap_jax import cli
 
 LAYOUT = place_recognition.Layout(
     name='tokyo247',
@@ -25,6 +26,7 @@ LAYOUT = place_recognition.Layout(
 )
 
 
+@cli.command
 def main(argv=None) -> int:
   return place_recognition.run_cli(LAYOUT, __doc__, argv)
 

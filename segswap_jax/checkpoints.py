@@ -5,7 +5,7 @@ Layout of a model checkpoint directory:
   params/             Orbax StandardCheckpointer tree
                       {'backbone': {'params', 'batch_stats'}, 'transformer': {'params'}}
 
-Training checkpoints (TrainState + data iterator) are the training module's; `export` of a trained
+Training checkpoints (TrainState + data iterator) belong to `segswap_jax/training/store.py`; `export` of a trained
 model writes this layout so every tool (predict, eval, discover) loads the same thing.
 """
 from __future__ import annotations
@@ -19,14 +19,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from segswap_jax import errors
 from segswap_jax import model as model_lib
 
 CONFIG_FILE = 'model_config.json'
 PARAMS_DIR = 'params'
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or does not match; the message names the file and the key."""
 
 
 def save_model(directory: str, params: dict, config: ml_collections.ConfigDict,
@@ -37,7 +34,7 @@ def save_model(directory: str, params: dict, config: ml_collections.ConfigDict,
   """
   directory = os.path.abspath(directory)
   if os.path.exists(os.path.join(directory, PARAMS_DIR)):
-    raise CheckpointError(f'{directory}: already holds a checkpoint; choose a new directory')
+    raise errors.CheckpointError(f'{directory}: already holds a checkpoint; choose a new directory')
   os.makedirs(directory, exist_ok=True)
   params = jax.tree.map(np.asarray, params)
   checkpointer = ocp.StandardCheckpointer()
@@ -53,12 +50,12 @@ def load_config(directory: str) -> Tuple[ml_collections.ConfigDict, dict]:
   """Reads the model config and metadata of a checkpoint directory."""
   path = os.path.join(directory, CONFIG_FILE)
   if os.path.isfile(directory):
-    raise CheckpointError(f'{directory}: a file, not a checkpoint directory; convert PyTorch .pth files '
+    raise errors.CheckpointError(f'{directory}: a file, not a checkpoint directory; convert PyTorch .pth files '
                           'with `python -m segswap_jax.convert`')
   if not os.path.isdir(directory):
-    raise CheckpointError(f'{directory}: no such checkpoint directory')
+    raise errors.CheckpointError(f'{directory}: no such checkpoint directory')
   if not os.path.isfile(path):
-    raise CheckpointError(f'{directory}: not a segswap-jax checkpoint (no {CONFIG_FILE}); '
+    raise errors.CheckpointError(f'{directory}: not a segswap-jax checkpoint (no {CONFIG_FILE}); '
                           'convert PyTorch weights with `python -m segswap_jax.convert`')
   try:
     with open(path) as f:
@@ -66,7 +63,7 @@ def load_config(directory: str) -> Tuple[ml_collections.ConfigDict, dict]:
     config = model_lib.model_config(stored['model']['size'], stored['model']['block_types'])
     config.update(stored['model'])
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f'{path}: unreadable model config ({e})') from e
+    raise errors.CheckpointError(f'{path}: unreadable model config ({e})') from e
   return config, stored.get('metadata', {})
 
 
@@ -82,10 +79,10 @@ def load_model(directory: str) -> Tuple[dict, ml_collections.ConfigDict]:
   target = abstract_params(config)
   params_path = os.path.join(directory, PARAMS_DIR)
   if not os.path.isdir(params_path):
-    raise CheckpointError(f'{directory}: missing {PARAMS_DIR}/ (incomplete checkpoint)')
+    raise errors.CheckpointError(f'{directory}: missing {PARAMS_DIR}/ (incomplete checkpoint)')
   try:
     params = ocp.StandardCheckpointer().restore(params_path, target)
   except Exception as e:  # Orbax raises several types for corrupt or mismatching trees.
-    raise CheckpointError(f'{params_path}: cannot restore parameters for this model config '
+    raise errors.CheckpointError(f'{params_path}: cannot restore parameters for this model config '
                           f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e
   return params, config

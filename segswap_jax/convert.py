@@ -17,7 +17,6 @@ the key. PyTorch is needed only to read `.pth` files (`pip install -r requiremen
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from typing import Dict, List, Mapping, Tuple
@@ -26,11 +25,11 @@ import jax
 import numpy as np
 
 from segswap_jax import checkpoints
+from segswap_jax import cli
+from segswap_jax import errors
 from segswap_jax import model as model_lib
 
 
-class ConversionError(ValueError):
-  """The source does not fit the model: names the key and what is wrong."""
 
 
 # Reference nn.Sequential indices -> torchvision module names.
@@ -77,7 +76,7 @@ def canonical_backbone_keys(state: Mapping[str, object]) -> Dict[str, np.ndarray
     if head in _SEQUENTIAL_TO_TORCHVISION:
       name = f'{_SEQUENTIAL_TO_TORCHVISION[head]}.{rest}'
     if name in out:
-      raise ConversionError(f'backbone key {key!r} collides with another key after prefix stripping')
+      raise errors.CheckpointError(f'backbone key {key!r} collides with another key after prefix stripping')
     out[name] = _to_numpy(value)
   return out
 
@@ -109,7 +108,7 @@ def _transformer_source_names(path: Tuple[str, ...], block_pairs) -> List[str]:
     return [f'net.{module}.{"weight" if leaf == "kernel" else "bias"}']
   match = re.fullmatch(r'block(\d+)_(inner|cross)', module)
   if not match:
-    raise ConversionError(f'unexpected transformer parameter {"/".join(path)}')
+    raise errors.CheckpointError(f'unexpected transformer parameter {"/".join(path)}')
   block, kind = int(match.group(1)), match.group(2)
   letter = 'I' if kind == 'inner' else 'C'
   sub = rest[0]
@@ -133,7 +132,7 @@ def _convert_leaf(source: np.ndarray, target_shape, key: str) -> np.ndarray:
   elif value.ndim == 2:  # linear (out, in) -> (in, out)
     value = value.T
   if tuple(value.shape) != tuple(target_shape):
-    raise ConversionError(f'{key}: shape {tuple(source.shape)} does not fit the model '
+    raise errors.CheckpointError(f'{key}: shape {tuple(source.shape)} does not fit the model '
                           f'(expects {tuple(target_shape)} after layout change)')
   return value
 
@@ -144,11 +143,11 @@ def _fill(target_flat, lookup, source: Dict[str, np.ndarray], label: str) -> Tup
     keys = lookup(path)
     missing = [k for k in keys if k not in source]
     if missing:
-      raise ConversionError(f'{label}: missing key {missing[0]!r} (for {"/".join(path)})')
+      raise errors.CheckpointError(f'{label}: missing key {missing[0]!r} (for {"/".join(path)})')
     values = [source[k] for k in keys]
     for k, v in zip(keys[1:], values[1:]):
       if not np.array_equal(v, values[0]):
-        raise ConversionError(f'{label}: {k!r} should equal the shared layer {keys[0]!r}')
+        raise errors.CheckpointError(f'{label}: {k!r} should equal the shared layer {keys[0]!r}')
     out[path] = _convert_leaf(values[0], target.shape, keys[0])
     used.update(keys)
   return out, used
@@ -162,7 +161,7 @@ def convert_backbone(state: Mapping[str, object], config) -> Tuple[dict, List[st
   unused = sorted(set(source) - used)
   unexpected = [k for k in unused if not _IGNORED_BACKBONE.search(k)]
   if unexpected:
-    raise ConversionError(f'backbone: unexpected key {unexpected[0]!r} ({len(unexpected)} unused in all)')
+    raise errors.CheckpointError(f'backbone: unexpected key {unexpected[0]!r} ({len(unexpected)} unused in all)')
   return _unflatten(flat), unused
 
 
@@ -174,7 +173,7 @@ def convert_transformer(state: Mapping[str, object], config) -> Tuple[dict, List
   flat, used = _fill(_flatten(abstract), lambda p: _transformer_source_names(p, pairs), source, 'encoder')
   unused = sorted(set(source) - used)
   if unused:
-    raise ConversionError(f'encoder: unexpected key {unused[0]!r} ({len(unused)} unused in all); '
+    raise errors.CheckpointError(f'encoder: unexpected key {unused[0]!r} ({len(unused)} unused in all); '
                           f'wrong --size/--block-types? (model: {config.size}, {config.block_types})')
   return _unflatten(flat), unused
 
@@ -195,7 +194,7 @@ def convert_state(checkpoint: Mapping[str, object], config, seed: int = 0) -> Tu
       state = state[container]
       break
   if not any(k.endswith('conv1.weight') or k == '0.weight' for k in state):
-    raise ConversionError('not a SegSwap (backbone + encoder) nor a ResNet-50 checkpoint: '
+    raise errors.CheckpointError('not a SegSwap (backbone + encoder) nor a ResNet-50 checkpoint: '
                           f'top-level keys {sorted(checkpoint)[:6]}')
   backbone, ignored = convert_backbone(state, config)
   transformer = model_lib.init_params(config, jax.random.key(seed))['transformer']
@@ -210,51 +209,46 @@ def read_torch_checkpoint(path: str) -> Mapping[str, object]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ConversionError('reading .pth files needs PyTorch: pip install -r requirements-torch.txt') from e
+    raise errors.CheckpointError('reading .pth files needs PyTorch: pip install -r requirements-torch.txt') from e
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
   except FileNotFoundError as e:
-    raise ConversionError(f'{path}: no such file') from e
+    raise errors.CheckpointError(f'{path}: no such file') from e
   except Exception as e:  # pickle, zip and torch errors alike: not a readable checkpoint.
-    raise ConversionError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__})') from e
+    raise errors.CheckpointError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__})') from e
 
 
 def convert_file(path: str, out_dir: str, config, seed: int = 0) -> dict:
   checkpoint = read_torch_checkpoint(path)
   if not isinstance(checkpoint, Mapping):
-    raise ConversionError(f'{path}: expected a dict of tensors, got {type(checkpoint).__name__}')
+    raise errors.CheckpointError(f'{path}: expected a dict of tensors, got {type(checkpoint).__name__}')
   params, report = convert_state(checkpoint, config, seed)
   report['source'] = path
   checkpoints.save_model(out_dir, params, config, metadata={'converted_from': report})
   return report
 
 
+@cli.command
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      epilog='example: python -m segswap_jax.convert --torch-checkpoint hard_mining_neg5.pth '
-             '--out checkpoints/segswap_official',
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser('python -m segswap_jax.convert', __doc__,
+                      example='python -m segswap_jax.convert --torch-checkpoint hard_mining_neg5.pth '
+                              '--out checkpoints/segswap_official')
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--torch-checkpoint', help='.pth / .pth.tar file')
   source.add_argument('--random-init', action='store_true',
                       help='no source: random weights from --seed (for trying the tools end to end)')
-  parser.add_argument('--out', required=True, help='output directory (must not exist or be empty)')
+  cli.add_out(parser, 'output checkpoint directory (must not exist or be empty)', required=True)
   parser.add_argument('--size', default='small', choices=sorted(model_lib.TRANSFORMER_SIZES))
   parser.add_argument('--block-types', default=None, help="e.g. 'I C I C I N' (default for the size)")
   parser.add_argument('--seed', type=int, default=0, help='transformer init for backbone-only sources')
   args = parser.parse_args(argv)
-  try:
-    config = model_lib.model_config(args.size, args.block_types)
-    if args.random_init:
-      params = jax.tree.map(np.asarray, model_lib.init_params(config, jax.random.key(args.seed)))
-      checkpoints.save_model(args.out, params, config, metadata={'random_init_seed': args.seed})
-      print(f'wrote randomly initialised {config.size} model (seed {args.seed}) -> {args.out}')
-      return 0
-    report = convert_file(args.torch_checkpoint, args.out, config, args.seed)
-  except (ConversionError, checkpoints.CheckpointError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  config = model_lib.model_config(args.size, args.block_types)
+  if args.random_init:
+    params = jax.tree.map(np.asarray, model_lib.init_params(config, jax.random.key(args.seed)))
+    checkpoints.save_model(args.out, params, config, metadata={'random_init_seed': args.seed})
+    print(f'wrote randomly initialised {config.size} model (seed {args.seed}) -> {args.out}')
+    return 0
+  report = convert_file(args.torch_checkpoint, args.out, config, args.seed)
   print(f'converted {report["kind"]} checkpoint {args.torch_checkpoint} -> {args.out}')
   if report['ignored_keys']:
     shown = ', '.join(report['ignored_keys'][:8])

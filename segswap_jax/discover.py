@@ -1,21 +1,20 @@
 """Finds what repeats across a folder of images and writes an HTML report.
 
   python -m segswap_jax.discover --checkpoint checkpoints/segswap_official --images my_photos/ \
-      --out report/ --max_pairs_per_image 10
+      --out report/ --max-pairs-per-image 10
 
-Steps: every image is resized to --image_size (square, aspect not kept, as in the paper's discovery
-runs); backbone features are computed once per image; candidate pairs are pre-filtered by a global
-descriptor (mean-pooled L2-normalised conv4 features, cosine similarity): each image is paired with its
---max_pairs_per_image nearest images, so the transformer runs O(N K) pairs instead of N^2 / 2 (use
---max_pairs_per_image 0 for every pair); pairs run in jitted batches (cached in REPORT_DIR/cache, a
-rerun resumes); the correspondence graph (eval.discovery) gives the patterns. The report:
+Steps: every image is resized to --image-size (one number: a square, aspect not kept, as in the paper's
+discovery runs; or HEIGHT WIDTH); backbone features are computed once per image; candidate pairs are
+pre-filtered by a global descriptor (mean-pooled L2-normalised conv4 features, cosine similarity): each
+image is paired with its --max-pairs-per-image nearest images, so the transformer runs O(N K) pairs
+instead of N^2 / 2 (0 = every pair); pairs run in jitted batches (cached in REPORT_DIR/cache, a rerun
+resumes); the correspondence graph (eval.discovery) gives the patterns. The report:
   index.html                 each pattern, largest first, with its instances outlined in every image
   pattern_XX.png             the same panels as pictures
   clusters.json              patterns -> images with instance boxes and outlines (original pixels)
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import os
@@ -27,8 +26,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from eval import collection
 from eval import discovery
-from segswap_jax import checkpoints, collection, inference, visualize
+from segswap_jax import cli
+from segswap_jax import errors
+from segswap_jax import images as images_lib
+from segswap_jax import inference
+from segswap_jax import visualize
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 THUMB_HEIGHT = 200
@@ -36,35 +40,31 @@ GRID_COLUMNS = 5
 MIN_IMAGES = 3
 
 
-class DiscoverError(ValueError):
-  """A folder, file or option that `discover` cannot use; the message names it."""
-
-
 def list_images(folder: str) -> List[str]:
   """Image files of a folder (by extension, hidden files skipped), sorted by name."""
   if not os.path.isdir(folder):
-    raise DiscoverError(f'{folder}: no such folder')
+    raise errors.DataError(f'{folder}: no such folder')
   names = sorted(n for n in os.listdir(folder)
                  if not n.startswith('.') and n.lower().endswith(IMAGE_EXTENSIONS)
                  and os.path.isfile(os.path.join(folder, n)))
   if not names:
-    raise DiscoverError(f'{folder}: no images ({", ".join(IMAGE_EXTENSIONS)})')
+    raise errors.DataError(f'{folder}: no images ({", ".join(IMAGE_EXTENSIONS)})')
   return names
 
 
-def load_collection(folder: str, image_size: int, skip_unreadable: bool = False):
-  """Reads the folder's images at image_size x image_size. Returns (names, uint8 (N, S, S, 3))."""
+def load_collection(folder: str, image_size, skip_unreadable: bool = False):
+  """Reads the folder's images at `image_size` = (height, width). Returns (names, uint8 (N, H, W, 3))."""
   names, images = [], []
   for name in tqdm(list_images(folder), desc='load', unit='image', leave=False):
     try:
-      images.append(inference.load_image(os.path.join(folder, name), (image_size, image_size)))
+      images.append(images_lib.load_image(os.path.join(folder, name), tuple(image_size)))
       names.append(name)
-    except inference.ImageError as e:
+    except errors.ImageError as e:
       if not skip_unreadable:
-        raise DiscoverError(f'{e} (use --skip_unreadable to leave it out)') from e
+        raise errors.ImageError(e.path, f'{e.reason} (use --skip-unreadable to leave it out)') from e
       print(f'warning: skipped {e}', file=sys.stderr)
   if len(names) < MIN_IMAGES:
-    raise DiscoverError(f'{folder}: {len(names)} usable image(s); discovery needs at least {MIN_IMAGES} '
+    raise errors.DataError(f'{folder}: {len(names)} usable image(s); discovery needs at least {MIN_IMAGES} '
                         '(for two images use `python -m segswap_jax.predict`)')
   return names, np.stack(images)
 
@@ -136,10 +136,10 @@ def write_report(out_dir: str, folder: str, names: Sequence[str], result: discov
 
   def thumbnail(index):
     if index not in thumbs:
-      original = inference.load_image(os.path.join(folder, names[index]))
+      original = images_lib.load_image(os.path.join(folder, names[index]))
       height, width = original.shape[:2]
       size = (THUMB_HEIGHT, max(1, round(width * THUMB_HEIGHT / height)))
-      thumbs[index] = (inference.resize_image(original, size), width, height)
+      thumbs[index] = (images_lib.resize_image(original, size), width, height)
     return thumbs[index]
 
   for number, pattern in enumerate(tqdm(result.patterns, desc='report', unit='pattern', leave=False), 1):
@@ -196,20 +196,20 @@ with the instance outlined. Machine-readable: <a href="clusters.json">clusters.j
 # ----------------------------------------------------------------------------------------------------
 
 def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = None,
-                    model: Optional[inference.SegSwap] = None, image_size: int = 480,
+                    model: Optional[inference.SegSwap] = None, image_size=(480, 480),
                     max_pairs_per_image: int = 10, method: str = 'patterns', sigma: float = 2.0,
                     flip: str = 'none', max_patterns: int = 10, batch_size: int = 16, grabcut: bool = True,
                     skip_unreadable: bool = False,
                     node_threshold: float = discovery.CONF_THRESHOLD) -> dict:
   """The whole `discover` run; returns the clusters dict written to clusters.json."""
   if method not in discovery.METHODS:
-    raise DiscoverError(f'unknown method {method!r}; expected one of {sorted(discovery.METHODS)}')
-  if image_size <= 0 or image_size % 16:
-    raise DiscoverError(f'--image_size must be a positive multiple of 16, got {image_size}')
+    raise errors.ConfigError(f'unknown method {method!r}; expected one of {sorted(discovery.METHODS)}')
+  image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  images_lib.check_image_size(*image_size, what='--image-size')
   if max_pairs_per_image < 0:
-    raise DiscoverError(f'--max_pairs_per_image must be >= 0, got {max_pairs_per_image}')
+    raise errors.ConfigError(f'--max-pairs-per-image must be >= 0, got {max_pairs_per_image}')
   if not 0.0 < node_threshold < 1.0:
-    raise DiscoverError(f'--node_threshold must be in (0, 1), got {node_threshold}')
+    raise errors.ConfigError(f'--node-threshold must be in (0, 1), got {node_threshold}')
   names, images = load_collection(images_dir, image_size, skip_unreadable)
   timings = {}
   start = time.perf_counter()
@@ -227,7 +227,7 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
   kwargs = {'max_patterns': max_patterns} if method == 'patterns' else {}
   result = discovery.discover(pair_set, method, sigma, conf_threshold=node_threshold, **kwargs)
   timings['graph (s)'] = round(time.perf_counter() - start, 2)
-  summary = {'images': len(names), 'image size': image_size, 'pairs run': int(len(pairs)),
+  summary = {'images': len(names), 'image size': f'{image_size[0]}x{image_size[1]}', 'pairs run': int(len(pairs)),
              'pairs kept': int(len(pair_set.pairs)), 'nodes': int(len(result.nodes)),
              'edges': int(result.matrix.nnz), 'method': method, 'sigma': sigma,
              'node threshold': node_threshold, 'flip': flip,
@@ -235,44 +235,37 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
   return write_report(out_dir, images_dir, names, result, summary, grabcut)
 
 
+@cli.command
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      epilog='example: python -m segswap_jax.discover --checkpoint CKPT --images my_photos/ --out report/',
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--checkpoint', required=True, help='segswap-jax checkpoint directory')
+  parser = cli.parser('python -m segswap_jax.discover', __doc__,
+                      'python -m segswap_jax.discover --checkpoint CKPT --images my_photos/ --out report/')
+  cli.add_checkpoint(parser)
   parser.add_argument('--images', required=True, help='folder of images')
-  parser.add_argument('--out', required=True, help='report directory (index.html, PNGs, clusters.json)')
-  parser.add_argument('--max_pairs_per_image', type=int, default=10,
+  cli.add_out(parser, 'report directory (index.html, PNGs, clusters.json)', required=True)
+  parser.add_argument('--max-pairs-per-image', type=cli.nonnegative_int, default=10,
                       help='pair each image with its K nearest images by global descriptor (default 10; '
                            '0 = every pair)')
-  parser.add_argument('--image_size', type=int, default=480, help='square model input size (default 480)')
+  cli.add_image_size(parser, (480, 480), 'model input size', square=True)
   parser.add_argument('--method', default='patterns', choices=sorted(discovery.METHODS),
                       help='patterns: several patterns (default); reference: the paper\'s single eigenvector')
-  parser.add_argument('--sigma', type=float, default=2.0, help='distance scale of the affinity, cells')
+  parser.add_argument('--sigma', type=cli.positive_float, default=2.0,
+                      help='distance scale of the affinity, cells (default 2.0)')
   parser.add_argument('--flip', default='none', choices=list(collection.FLIP_MODES),
                       help='also try the mirrored second image (corrected is geometrically right)')
-  parser.add_argument('--max_patterns', type=int, default=10, help='at most this many patterns')
-  parser.add_argument('--node_threshold', type=float, default=discovery.CONF_THRESHOLD,
+  parser.add_argument('--max-patterns', type=cli.positive_int, default=10, help='at most this many patterns')
+  parser.add_argument('--node-threshold', type=cli.open_unit_float, default=discovery.CONF_THRESHOLD,
                       help='graph nodes are cells whose mask exceeds this (default %(default)s, the '
                            "reference's); lower it for a model whose masks are less confident")
-  parser.add_argument('--batch_size', type=int, default=16, help='pairs per device batch')
-  parser.add_argument('--no_grabcut', action='store_true', help='outline the thresholded maps directly')
-  parser.add_argument('--skip_unreadable', action='store_true', help='leave unreadable images out')
+  cli.add_batch_size(parser, 16, 'pairs per forward call')
+  parser.add_argument('--no-grabcut', action='store_true', help='outline the thresholded maps directly')
+  parser.add_argument('--skip-unreadable', action='store_true', help='leave unreadable images out')
   args = parser.parse_args(argv)
-  try:
-    if args.sigma <= 0:
-      raise DiscoverError(f'--sigma must be positive, got {args.sigma}')
-    list_images(args.images)  # fail on the folder before loading the model
-    data = discover_folder(args.images, args.out, checkpoint=args.checkpoint, image_size=args.image_size,
-                           max_pairs_per_image=args.max_pairs_per_image, method=args.method, sigma=args.sigma,
-                           flip=args.flip, max_patterns=args.max_patterns, batch_size=args.batch_size,
-                           grabcut=not args.no_grabcut, skip_unreadable=args.skip_unreadable,
-                           node_threshold=args.node_threshold)
-  except (DiscoverError, inference.ImageError, checkpoints.CheckpointError, collection.CollectionError,
-          discovery.DiscoveryError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  list_images(args.images)  # fail on the folder before loading the model
+  data = discover_folder(args.images, args.out, checkpoint=args.checkpoint, image_size=args.image_size,
+                         max_pairs_per_image=args.max_pairs_per_image, method=args.method, sigma=args.sigma,
+                         flip=args.flip, max_patterns=args.max_patterns, batch_size=args.batch_size,
+                         grabcut=not args.no_grabcut, skip_unreadable=args.skip_unreadable,
+                         node_threshold=args.node_threshold)
   print(f'{len(data["patterns"])} pattern(s) in {data["summary"]["images"]} images -> '
         f'{os.path.join(args.out, "index.html")}')
   for cluster in data['patterns']:

@@ -1,30 +1,45 @@
-"""The Python API: load a model, extract features, run pairs, score candidates.
+"""The inference engine: every jitted forward of a trained model, and the Python API over them.
 
   model = SegSwap.load('checkpoints/segswap_official')
-  feats = model.features(images)            # uint8 (B, H, W, 3) -> (B, H/16, W/16, 1024), L2-normalised
+  feats = model.features(images)            # uint8 (B, H, W, 3) -> (B, H/16, W/16, C), L2-normalised
   out = model.pair(feats[:1], feats[1:2])   # PairOutputs(out_a, out_b), each (B, h, w, 3) = (x, y, mask)
-  result = model.score(query_image, target_images)   # SPEC §4 retrieval scores and everything behind them
+  result = model.score(query_image, target_images)   # retrieval scores and everything behind them
 
-Features are the cacheable part (tapnet-style split): `pair` and `score` take features or images.
+This module is the only place that wraps the model in jitted functions for inference: backbone
+features, pair forward, the self-pair query mask, candidate scoring (retrieval, Brueghel, predict),
+pairs gathered by index from device-resident features (discovery, the Internet evaluation) and
+pool-pair scores (hard mining). They are compiled once per (model config, device set) and shared by
+every `SegSwap` built for them (`_compiled`, an LRU cache), and every call runs on padded batches of a
+fixed size, so a shape compiles once however many items come.
+
+Why inference jits over a device mesh while training pmaps: inference batches are ragged (100
+candidates, a collection's pairs, the last batch of anything), the candidate or pair axis is simply
+sharded over the local devices (`NamedSharding` over a 1-D mesh, parameters replicated) and padded to
+a multiple of them, and every process works on its own share with its own devices. The train step is
+written for one replica and run under `jax.pmap` (as the design card asks), which averages gradients
+over every device of every process; it stays free of sharding details (`segswap_jax/training/step.py`).
+
+Shapes: features `(..., h, w, C)` L2-normalised float32, outputs `(..., h, w, 3)` = (x, y, mask), x and y
+in [0, 1] of the other image, NHWC.
 """
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, Optional, Sequence, Tuple
+import concurrent.futures
+import functools
+import json
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import PIL.Image
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segswap_jax import checkpoints
+from segswap_jax import errors
+from segswap_jax import features as features_lib
 from segswap_jax import model as model_lib
 from segswap_jax import scoring
-
-
-class ImageError(ValueError):
-  """An image that cannot be used; the message names the file."""
 
 
 class PairOutputs(NamedTuple):
@@ -37,109 +52,323 @@ class PairOutputs(NamedTuple):
   out_b: jax.Array
 
 
-def check_image_size(height: int, width: int) -> None:
-  if height % model_lib.FEATURE_STRIDE or width % model_lib.FEATURE_STRIDE or height <= 0 or width <= 0:
-    raise ImageError(f'image size {height}x{width} (HxW) must be positive multiples of '
-                     f'{model_lib.FEATURE_STRIDE}')
+def balanced_batch_size(num_items: int, requested: int, num_devices: int) -> int:
+  """The smallest batch that runs `num_items` in as many calls as `requested` would.
 
-
-def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-  """Resizes uint8 `(H, W, 3)` to `size` = (height, width); untouched when already that size.
-
-  PIL bilinear (antialiased when shrinking): what the reference's torchvision `Resize` does on PIL images.
+  E.g. 100 candidates asked in batches of 32 (4 calls, 28 padded slots) run as 4 x 25 on one device.
+  The result is a multiple of `num_devices`.
   """
-  height, width = size
-  if image.shape[:2] == (height, width):
-    return image
-  return np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.BILINEAR))
+  calls = -(-num_items // max(1, requested))
+  per_call = -(-num_items // max(calls, 1))
+  return -(-per_call // num_devices) * num_devices
 
 
-def load_image(path: str, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
-  """Reads an image file as RGB uint8 `(H, W, 3)`, resized to `size` = (height, width) if given.
+def _round_up(value: int, multiple: int) -> int:
+  return -(-max(1, value) // multiple) * multiple
 
-  Truncated or corrupt files raise `ImageError` (PIL decodes fully and fails loudly, where OpenCV would
-  return a partly grey image).
-  """
-  if size is not None:
-    check_image_size(*size)
-  if not os.path.isfile(path):
-    raise ImageError(f'{path}: no such image file')
-  try:
-    with PIL.Image.open(path) as opened:
-      image = np.asarray(opened.convert('RGB'))
-  except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
-    raise ImageError(f'{path}: unreadable or corrupt image ({type(e).__name__})') from e
-  return image if size is None else resize_image(image, size)
 
+def _pad_rows(array, size: int):
+  """Pads the leading axis to `size` with copies of the last row (static shapes)."""
+  missing = size - array.shape[0]
+  if missing <= 0:
+    return array
+  xp = jnp if isinstance(array, jax.Array) else np
+  return xp.concatenate([array, xp.repeat(array[-1:], missing, axis=0)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The compiled functions of one model config on one device set.
+# ----------------------------------------------------------------------------------------------------
+
+class _Functions(NamedTuple):
+  replicated: NamedSharding
+  sharded: NamedSharding
+  features: Callable
+  pair: Callable
+  query_mask: Callable
+  score: Callable
+  indexed_pairs: Callable
+  pool_scores: Callable
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(config_json: str, devices: Tuple[jax.Device, ...]) -> _Functions:
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  mesh = Mesh(np.array(devices), ('batch',))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  sharded = NamedSharding(mesh, PartitionSpec('batch'))
+  backbone = model_lib.build_backbone(config)
+  transformer = model_lib.build_transformer(config)
+
+  def apply(transformer_vars, feat_a, feat_b, pad_a=None, pad_b=None):
+    return transformer.apply(transformer_vars, feat_a, feat_b, pad_a, pad_b, train=False)
+
+  def features(backbone_vars, images, normalization):
+    return features_lib.backbone_features(backbone, backbone_vars, images, normalization)
+
+  def pair(transformer_vars, feat_a, feat_b, pad_a, pad_b):
+    return PairOutputs(*apply(transformer_vars, feat_a, feat_b, pad_a, pad_b))
+
+  def query_mask(transformer_vars, feat_q, init_mask):
+    out_a, out_b = apply(transformer_vars, feat_q[None], feat_q[None])
+    return scoring.consistent_mask(init_mask[None], out_a, out_b)[0]
+
+  def score(transformer_vars, feat_q, mask_q, cell_mask, feat_d, valid, with_outputs):
+    # Cached features may be float16: back to float32 and unit norm, as the model expects.
+    feat_d = features_lib.l2_normalize(feat_d.astype(jnp.float32))
+    batch = feat_d.shape[0]
+    feat_qb = jnp.broadcast_to(feat_q, (batch,) + feat_q.shape)
+    out_q, out_d = apply(transformer_vars, feat_qb, feat_d)
+    weight = scoring.transported_mask(jnp.broadcast_to(mask_q, (batch,) + mask_q.shape), out_q, out_d)
+    result = {'score': jnp.where(valid, scoring.pair_score(feat_qb, feat_d, out_q, weight, cell_mask), -jnp.inf),
+              'stats': scoring.correspondence_stats(out_q, weight, cell_mask)}
+    if with_outputs:
+      result.update(out_query=out_q, out_candidates=out_d, transported_masks=weight)
+    return result
+
+  def indexed_pairs(transformer_vars, features_all, mirrored, index_i, index_j, min_mask, flip):
+    feat_i, feat_j = features_all[index_i], features_all[index_j]
+    out_a, out_b = apply(transformer_vars, feat_i, feat_j)
+    if flip != 'none':
+      mirror_a, mirror_b = apply(transformer_vars, feat_i, mirrored[index_j])
+      out_a, out_b = scoring.choose_flip((out_a, out_b), (mirror_a, mirror_b), flip)
+    weight_a = scoring.cycle_weight(out_a, out_b)
+    weight_b = scoring.cycle_weight(out_b, out_a)
+    valid = (jnp.sum(weight_a, axis=(1, 2)) >= min_mask) & (jnp.sum(weight_b, axis=(1, 2)) >= min_mask)
+    scores = jnp.stack([scoring.pair_score(feat_i, feat_j, out_a, weight_a),
+                        scoring.pair_score(feat_j, feat_i, out_b, weight_b)], axis=-1)
+    return out_a, out_b, jnp.where(valid[:, None], scores, 0.0)
+
+  def pool_scores(transformer_vars, features_all, index_i, index_j):
+    out_a, out_b = apply(transformer_vars, features_all[index_i].astype(jnp.float32),
+                         features_all[index_j].astype(jnp.float32))
+    return jnp.mean(out_a[..., 2], axis=(1, 2)) + jnp.mean(out_b[..., 2], axis=(1, 2))
+
+  return _Functions(
+      replicated=replicated, sharded=sharded,
+      features=jax.jit(features, static_argnums=2, out_shardings=sharded),
+      pair=jax.jit(pair),
+      query_mask=jax.jit(query_mask),
+      score=jax.jit(score, static_argnums=6),
+      indexed_pairs=jax.jit(indexed_pairs, static_argnums=6),
+      pool_scores=jax.jit(pool_scores))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The engine.
+# ----------------------------------------------------------------------------------------------------
 
 class SegSwap:
-  """A loaded SegSwap model with jitted feature and pair functions."""
+  """A loaded model and its compiled inference functions, sharded over `devices`.
 
-  def __init__(self, params: dict, config: ml_collections.ConfigDict, checkpoint_dir: Optional[str] = None):
-    self.params = params
+  Args:
+    params: `{'backbone': vars, 'transformer': vars}` (host or device arrays).
+    config: the model config.
+    checkpoint_dir: where it was loaded from (for messages).
+    devices: devices to shard batches over (default: this process's local devices).
+  """
+
+  def __init__(self, params: dict, config: ml_collections.ConfigDict, checkpoint_dir: Optional[str] = None,
+               devices: Optional[Sequence[jax.Device]] = None):
     self.config = config
     self.checkpoint_dir = checkpoint_dir
-    backbone = model_lib.build_backbone(config)
-    transformer = model_lib.build_transformer(config)
-
-    def features(backbone_vars, images):
-      return model_lib.l2_normalize(backbone.apply(backbone_vars, model_lib.normalize_images(images)))
-
-    def pair(transformer_vars, feat_a, feat_b, pad_a, pad_b):
-      return PairOutputs(*transformer.apply(transformer_vars, feat_a, feat_b, pad_a, pad_b, train=False))
-
-    self._features = jax.jit(features)
-    self._pair = jax.jit(pair)
-    self._retrieval_scores = jax.jit(scoring.retrieval_scores)
+    self.devices = list(devices or jax.local_devices())
+    # The compiled functions (shared by every engine of this config and device set) and the parameters
+    # replicated on the devices; benchmarks read both for XLA's cost analysis.
+    self.functions = _compiled(json.dumps(config.to_dict(), sort_keys=True), tuple(self.devices))
+    self.params = params
+    self.variables = jax.device_put({'backbone': params['backbone'], 'transformer': params['transformer']},
+                                    self.functions.replicated)
 
   @classmethod
-  def load(cls, checkpoint_dir: str) -> 'SegSwap':
+  def load(cls, checkpoint_dir: str, devices: Optional[Sequence[jax.Device]] = None) -> 'SegSwap':
     params, config = checkpoints.load_model(checkpoint_dir)
-    return cls(params, config, checkpoint_dir)
+    return cls(params, config, checkpoint_dir, devices)
 
-  def features(self, images) -> jax.Array:
-    """uint8 `(B, H, W, 3)` RGB -> L2-normalised `(B, H/16, W/16, 1024)`."""
-    images = jnp.asarray(images)
-    check_image_size(*images.shape[1:3])
-    return self._features(self.params['backbone'], images)
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
 
+  def batch_size(self, requested: int) -> int:
+    """`requested` rounded up to a multiple of the device count (what a call really runs)."""
+    return _round_up(requested, self.num_devices)
+
+  def _sharded(self, array):
+    return jax.device_put(array, self.functions.sharded)
+
+  def on_all_devices(self, array) -> jax.Array:
+    """A copy on every device (for tables that jitted calls gather from by index)."""
+    return jax.device_put(array, self.functions.replicated)
+
+  # -- features ----------------------------------------------------------------------------------------
+  def features(self, images, normalization: str = 'imagenet', batch_size: int = 8,
+               progress: Optional[Callable[[int], None]] = None) -> jax.Array:
+    """Images `(N, H, W, 3)` (uint8 RGB; float model inputs with normalization='none') -> L2-normalised
+    float32 features `(N, ceil(H/16), ceil(W/16), C)` on the devices, in padded batches of `batch_size`.
+    (The reference's Brueghel query crops are 639 px: any size works; the CLIs ask for multiples of 16.)
+
+    `normalization`: 'imagenet' (default), 'denormalized' (the released loaders' quirk) or 'none'
+    (`segswap_jax.features`). `progress(n)` is called after each batch with the items it held.
+    """
+    if normalization not in features_lib.NORMALIZATIONS:
+      raise errors.ConfigError(f'normalization must be one of {features_lib.NORMALIZATIONS}, '
+                               f'got {normalization!r}')
+    images = images if isinstance(images, jax.Array) else np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or min(images.shape[1:3]) < model_lib.FEATURE_STRIDE:
+      raise errors.DataError(f'images must be (N, H, W, 3) with H, W >= {model_lib.FEATURE_STRIDE}, got shape '
+                             f'{tuple(images.shape)}')
+    count = images.shape[0]
+    if count == 0:
+      raise errors.DataError('no images')
+    size = self.batch_size(min(batch_size, count))
+    chunks = []
+    for start in range(0, count, size):
+      batch = images[start:start + size]
+      valid = batch.shape[0]
+      out = self.functions.features(self.variables['backbone'], self._sharded(_pad_rows(batch, size)), normalization)
+      chunks.append(out[:valid] if valid < size else out)
+      if progress is not None:
+        progress(valid)
+    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
+
+  # -- pairs -------------------------------------------------------------------------------------------
   def pair(self, feat_a, feat_b, pad_a=None, pad_b=None) -> PairOutputs:
-    """Features `(B, h_a, w_a, C)`, `(B, h_b, w_b, C)` -> PairOutputs (eval mode)."""
-    return self._pair(self.params['transformer'], feat_a, feat_b, pad_a, pad_b)
+    """Features `(B, h_a, w_a, C)`, `(B, h_b, w_b, C)` (and optional key padding, bool `(B, h, w)`,
+    True = ignored) -> PairOutputs (eval mode). The batch is padded to a multiple of the devices."""
+    count = feat_a.shape[0]
+    size = self.batch_size(count)
+    put = lambda x: None if x is None else self._sharded(_pad_rows(x, size))
+    out = self.functions.pair(self.variables['transformer'], put(feat_a), put(feat_b), put(pad_a), put(pad_b))
+    return PairOutputs(out.out_a[:count], out.out_b[:count]) if size != count else out
+
+  def query_mask(self, feat_q, init_mask: Optional[np.ndarray] = None) -> np.ndarray:
+    """Self-pair query mask `(h, w)` of query features `(h, w, C)` (init: all ones or a box mask)."""
+    if init_mask is None:
+      init_mask = np.ones(feat_q.shape[:2], np.float32)
+    return np.asarray(self.functions.query_mask(self.variables['transformer'], jnp.asarray(feat_q, jnp.float32),
+                                          jnp.asarray(init_mask, jnp.float32)))
+
+  # -- retrieval scoring -------------------------------------------------------------------------------
+  def score_candidates(self, feat_q, num_candidates: int, read_batch: Callable[[np.ndarray], np.ndarray],
+                       init_mask: Optional[np.ndarray] = None, batch_size: int = 32,
+                       outputs: bool = False) -> Dict[str, np.ndarray]:
+    """Scores one query against `num_candidates` candidates whose features are read in batches.
+
+    Args:
+      feat_q: `(h, w, C)` query features.
+      num_candidates: how many candidates.
+      read_batch: candidate positions `(n,)` -> features `(n, hd, wd, C)` (e.g. from the feature cache);
+        called for the next batch while the current one runs on the devices.
+      init_mask: optional `(h, w)` initial query mask; when given, only its cells are scored (Brueghel).
+      batch_size: candidates per call, rounded up to a multiple of the devices.
+      outputs: also return every pair's outputs and transported mask.
+
+    Returns:
+      numpy: `score` `(n,)` float32 (docs/reference.md §4), `stats` `(n, 11)`
+      (`scoring.correspondence_stats`), `query_mask` `(h, w)`; with `outputs`, `out_query` `(n, h, w, 3)`,
+      `out_candidates` `(n, hd, wd, 3)`, `transported_masks` `(n, h, w)`.
+    """
+    h, w = feat_q.shape[:2]
+    feat_q = jnp.asarray(feat_q, jnp.float32)
+    init = np.ones((h, w), np.float32) if init_mask is None else np.asarray(init_mask, np.float32)
+    mask_q = self.functions.query_mask(self.variables['transformer'], feat_q, jnp.asarray(init))
+    cell_mask = jnp.asarray(init > 0)
+    size = self.batch_size(batch_size)
+    keys = ('score', 'stats') + (('out_query', 'out_candidates', 'transported_masks') if outputs else ())
+    results = {k: [] for k in keys}
+    starts = list(range(0, num_candidates, size))
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+      pending = reader.submit(read_batch, np.arange(0, min(size, num_candidates)))
+      for i, start in enumerate(starts):
+        feats = pending.result()
+        if i + 1 < len(starts):
+          nxt = starts[i + 1]
+          pending = reader.submit(read_batch, np.arange(nxt, min(nxt + size, num_candidates)))
+        valid = np.zeros(size, bool)
+        valid[:feats.shape[0]] = True
+        out = self.functions.score(self.variables['transformer'], feat_q, mask_q, cell_mask,
+                             self._sharded(_pad_rows(feats, size)), self._sharded(valid), outputs)
+        for k in keys:
+          results[k].append(out[k])
+    result = {k: np.concatenate([np.asarray(v) for v in chunks])[:num_candidates]
+              for k, chunks in results.items()}
+    result['query_mask'] = np.asarray(mask_q)
+    return result
 
   def score(self, query_image: np.ndarray, target_images: Sequence[np.ndarray], batch_size: int = 8,
             init_mask: Optional[np.ndarray] = None) -> dict:
-    """SPEC §4 retrieval score of one query image against target images (all of one size).
-
-    Targets run in fixed-size batches (the last one padded) so everything compiles once.
+    """Retrieval score (docs/reference.md §4) of one query image against target images of one size.
 
     Returns numpy arrays: `features_query` (h, w, C), `features_targets` (n, h', w', C), `out_query`
     (n, h, w, 3), `out_targets` (n, h', w', 3), `scores` (n,), `query_mask` (h, w),
     `transported_masks` (n, h, w).
     """
     targets = np.asarray(target_images)
-    n = len(targets)
-    if n == 0:
-      raise ImageError('no target images')
-    batch_size = max(1, min(batch_size, n))
-    feat_q = self.features(np.asarray(query_image)[None])
-    self_pair = self.pair(feat_q, feat_q)
-    chunks = {k: [] for k in ('features_targets', 'out_query', 'out_targets', 'scores', 'transported_masks')}
-    query_mask = None
-    for start in range(0, n, batch_size):
-      batch = targets[start:start + batch_size]
+    if len(targets) == 0:
+      raise errors.DataError('no target images')
+    feat_q = self.features(np.asarray(query_image)[None])[0]
+    feat_t = self.features(targets, batch_size=batch_size)
+    result = self.score_candidates(feat_q, len(targets), lambda positions: feat_t[positions], init_mask,
+                                   batch_size=min(batch_size, len(targets)), outputs=True)
+    return {'features_query': np.asarray(feat_q), 'features_targets': np.asarray(feat_t),
+            'out_query': result['out_query'], 'out_targets': result['out_candidates'],
+            'scores': result['score'], 'query_mask': result['query_mask'],
+            'transported_masks': result['transported_masks']}
+
+  # -- pairs of a collection, by index ---------------------------------------------------------------
+  def indexed_pairs(self, features_all: jax.Array, mirrored: Optional[jax.Array], pairs: np.ndarray,
+                    min_mask: float, flip: str = 'none', batch_size: int = 32
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs pairs (i, j) of a collection whose features stay on the devices.
+
+    Args:
+      features_all: `(N, h, w, C)` features (`on_all_devices` them once: every call gathers from them).
+      mirrored: the features of the horizontally mirrored images (needed unless flip == 'none').
+      pairs: `(P, 2)` image indices.
+      min_mask: a pair whose cycle-consistent masks (docs/reference.md §5) sum below this on either side
+        gets scores 0.
+      flip: 'none', 'reference' or 'corrected' (`scoring.choose_flip`).
+
+    Returns:
+      numpy `out_a` `(P, h, w, 3)` (on image i), `out_b` `(P, h, w, 3)` (on image j), `scores` `(P, 2)`
+      float64 = (s_ij, s_ji).
+    """
+    if flip not in scoring.FLIP_MODES:
+      raise errors.ConfigError(f'unknown flip mode {flip!r}; expected one of {scoring.FLIP_MODES}')
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    features_all = self.on_all_devices(features_all)
+    mirrored = features_all if flip == 'none' else self.on_all_devices(mirrored)
+    size = self.batch_size(min(batch_size, max(len(pairs), 1)))
+    outs_a, outs_b, scores = [], [], []
+    for start in range(0, len(pairs), size):
+      batch = pairs[start:start + size]
       valid = len(batch)
-      if valid < batch_size:  # pad to a static shape
-        batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, 0)])
-      feat_d = self.features(batch)
-      out = self.pair(jnp.broadcast_to(feat_q, (batch_size,) + feat_q.shape[1:]), feat_d)
-      result = self._retrieval_scores(feat_q[0], feat_d, self_pair.out_a[0], self_pair.out_b[0],
-                                      out.out_a, out.out_b, init_mask)
-      query_mask = result['query_mask']
-      for key, value in (('features_targets', feat_d), ('out_query', out.out_a), ('out_targets', out.out_b),
-                         ('scores', result['scores']), ('transported_masks', result['transported_masks'])):
-        chunks[key].append(np.asarray(value)[:valid])
-    output = {k: np.concatenate(v) for k, v in chunks.items()}
-    output['features_query'] = np.asarray(feat_q[0])
-    output['query_mask'] = np.asarray(query_mask)
-    return output
+      batch = _pad_rows(batch, size)
+      out_a, out_b, score = self.functions.indexed_pairs(
+          self.variables['transformer'], features_all, mirrored, self._sharded(batch[:, 0]),
+          self._sharded(batch[:, 1]), min_mask, flip)
+      outs_a.append(np.asarray(out_a)[:valid])
+      outs_b.append(np.asarray(out_b)[:valid])
+      scores.append(np.asarray(score, np.float64)[:valid])
+    if not outs_a:
+      h, w = features_all.shape[1:3]
+      empty = np.zeros((0, h, w, 3), np.float32)
+      return empty, empty, np.zeros((0, 2))
+    return np.concatenate(outs_a), np.concatenate(outs_b), np.concatenate(scores)
+
+  def pool_scores(self, features_all: jax.Array, pairs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Hard-mining score mean(mask A) + mean(mask B) of pool pairs `(P, 2)` -> `(P,)` float32.
+
+    `features_all` `(N, h, w, C)` (float16 is fine: cast to float32 inside) stays on the devices.
+    """
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    features_all = self.on_all_devices(features_all)
+    size = self.batch_size(batch_size)
+    out = []
+    for start in range(0, len(pairs), size):
+      batch = pairs[start:start + size]
+      valid = len(batch)
+      batch = _pad_rows(batch, size)
+      out.append(np.asarray(self.functions.pool_scores(self.variables['transformer'], features_all,
+                                                 self._sharded(batch[:, 0]), self._sharded(batch[:, 1])))[:valid])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -1,4 +1,4 @@
-"""The training objective of SPEC §2 and its accuracy metrics, as pure jnp functions.
+"""The training objective of docs/reference.md §2 and its accuracy metrics, as pure jnp functions.
 
 Shapes: outputs `(B, h, w, 3)` = (x, y, mask) in (0, 1); masks `(B, h, w)`; correspondences `(B, h, w, 2)`.
 Everything here is per replica: the train step averages losses and gradients over devices.
@@ -88,7 +88,7 @@ def segswap_loss(pos_a: jax.Array, pos_b: jax.Array, targets: PositiveTargets, n
                  neg_b: jax.Array, *, warp_mask: bool = True, eta_corr: float = 8.0,
                  corr_cells: str = 'peak', neg_weights: Optional[jax.Array] = None
                  ) -> Dict[str, jax.Array]:
-  """SPEC §2 loss of one replica's batch, and the reference's accuracies.
+  """docs/reference.md §2 loss of one replica's batch, and the reference's accuracies.
 
   Args:
     pos_a, pos_b: `(P, h, w, 3)` outputs of the positive pairs.

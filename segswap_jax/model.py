@@ -1,4 +1,4 @@
-"""SegSwap model: frozen ResNet-50 conv4 backbone + cross-image transformer (SPEC §1), NHWC.
+"""SegSwap model: frozen ResNet-50 conv4 backbone + cross-image transformer (docs/reference.md §1), NHWC.
 
 Why Flax linen (not nnx): training is `jax.pmap`-based with pure `(state, batch) -> state` steps, the
 parameters must round-trip through Orbax and map one-to-one onto the reference state dict, and the
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from segswap_jax import errors
+
 FEATURE_STRIDE = 16
 FEATURE_DIM = 1024
 OUTPUT_EPS = 1e-7
@@ -42,14 +42,14 @@ def parse_block_types(block_types: str) -> Tuple[Tuple[str, str], ...]:
   """'I C I C I N' (spaces optional) -> (('I', 'C'), ('I', 'C'), ('I', 'N'))."""
   letters = [c for c in str(block_types).upper() if not c.isspace() and c != ',']
   if not letters or len(letters) % 2 or any(c not in 'ICN' for c in letters):
-    raise ValueError(f'block_types must be pairs of I/C/N letters, got {block_types!r}')
+    raise errors.ConfigError(f'block_types must be pairs of I/C/N letters, got {block_types!r}')
   return tuple((letters[i], letters[i + 1]) for i in range(0, len(letters), 2))
 
 
 def model_config(size: str = 'small', block_types: Optional[str] = None) -> ml_collections.ConfigDict:
   """The model's configuration; derived sizes are filled in from `size` (the reference's four)."""
   if size not in TRANSFORMER_SIZES:
-    raise ValueError(f'unknown transformer size {size!r}; expected one of {sorted(TRANSFORMER_SIZES)}')
+    raise errors.ConfigError(f'unknown transformer size {size!r}; expected one of {sorted(TRANSFORMER_SIZES)}')
   d_model, num_heads, num_blocks, dim_feedforward = TRANSFORMER_SIZES[size]
   if block_types is None:
     # The reference repeats the default pattern over as many blocks as the size has.
@@ -70,18 +70,6 @@ def model_config(size: str = 'small', block_types: Optional[str] = None) -> ml_c
       'backbone_widths': SMALL_CONVNET_WIDTHS,
       'feature_dim': FEATURE_DIM,
   })
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-  """RGB in [0, 255] (uint8 or float) `(..., 3)` -> ImageNet-normalised float32."""
-  x = jnp.asarray(images, jnp.float32) / 255.0
-  return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
-
-
-def l2_normalize(features: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """L2-normalises over the last (channel) axis, like `F.normalize(x, dim=1)`."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
-  return features / jnp.maximum(norm, eps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,10 +147,10 @@ def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
     return ResNet50Conv4()
   if config.backbone == 'small_convnet':
     if config.feature_dim != config.backbone_widths[-1]:
-      raise ValueError(f'small_convnet gives {config.backbone_widths[-1]} channels, feature_dim is '
+      raise errors.ConfigError(f'small_convnet gives {config.backbone_widths[-1]} channels, feature_dim is '
                        f'{config.feature_dim}')
     return SmallConvNet(tuple(config.backbone_widths))
-  raise ValueError(f'unknown backbone {config.backbone!r}; expected one of {BACKBONES}')
+  raise errors.ConfigError(f'unknown backbone {config.backbone!r}; expected one of {BACKBONES}')
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""The few cross-process operations the CLIs need; each is a no-op (or the identity) with one process.
+"""The cross-process operations the CLIs need; each is a no-op (or the identity) with one process.
 
-Every function is collective: all JAX processes call it, in the same order.
+Every function but `initialize_distributed` and `query_shard` is collective: all JAX processes call it,
+in the same order.
 """
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Optional
 
 import jax
 import numpy as np
+
+from segswap_jax import errors
 
 
 def barrier(tag: str) -> None:
@@ -43,3 +46,44 @@ def concat_over_processes(rows: np.ndarray) -> np.ndarray:
   padded[:len(rows)] = rows
   gathered = np.asarray(multihost_utils.process_allgather(padded))
   return np.concatenate([part[:int(n)] for part, n in zip(gathered, sizes)])
+
+
+def initialize_distributed(coordinator_address: Optional[str], num_processes: int, process_id: int,
+                           auto: bool = False) -> None:
+  """Joins a multi-process run (the same command on every host, one process id each); no-op for one.
+
+  `auto` lets `jax.distributed.initialize()` detect the cluster (TPU pods, SLURM, ...).
+  """
+  if auto:
+    jax.distributed.initialize()
+  elif num_processes > 1:
+    if not coordinator_address:
+      raise errors.ConfigError('--num-processes > 1 needs --coordinator-address HOST:PORT')
+    if not 0 <= process_id < num_processes:
+      raise errors.ConfigError(f'--process-id {process_id} is not in [0, {num_processes})')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def query_shard(num_queries: int, process_index: Optional[int] = None,
+                process_count: Optional[int] = None) -> np.ndarray:
+  """The queries this process scores: every process_count-th, starting at its index."""
+  pid = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  return np.arange(pid, num_queries, count)
+
+
+def gather_rows(local: np.ndarray, num_queries: int) -> np.ndarray:
+  """Reassembles per-query rows scored by `query_shard` on every process (every process gets all).
+
+  Args:
+    local: `(len(query_shard(num_queries)), ...)` this process's rows, in its query order.
+  Returns:
+    `(num_queries, ...)` rows in query order.
+  """
+  count = jax.process_count()
+  if count == 1:
+    return local
+  gathered = concat_over_processes(local)   # process 0's rows, then process 1's, ...
+  out = np.empty((num_queries,) + local.shape[1:], local.dtype)
+  out[np.concatenate([query_shard(num_queries, pid, count) for pid in range(count)])] = gathered
+  return out

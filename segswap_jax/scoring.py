@@ -1,4 +1,4 @@
-"""Pair scores from model outputs (SPEC §4, REFERENCE_EVAL §0): masks, transported masks, the score.
+"""Pair scores from model outputs (docs/reference.md §4, §7): masks, transported masks, the score.
 
 All functions are pure jnp (jit/vmap/pmap friendly) and batched over candidates; the reference's Python
 loop over cells becomes a segment max over target cells. Outputs are `(..., h, w, 3)` = (x, y, mask),
@@ -66,7 +66,7 @@ def _single_pair_score(feat_q, feat_d, xy_q, weight, cell_mask):
 
 
 def pair_score(feat_q, feat_d, out_q, weight, cell_mask: Optional[jax.Array] = None):
-  """SPEC §4 score, batched: sum over distinct target cells of max(0, max w * <f_q, f_d(target)>).
+  """The docs/reference.md §4 score, batched: sum over distinct target cells of max(0, max w * <f_q, f_d(target)>).
 
   Args:
     feat_q: `(B, h, w, C)` query features (broadcast the query first).
@@ -83,8 +83,67 @@ def pair_score(feat_q, feat_d, out_q, weight, cell_mask: Optional[jax.Array] = N
   return jax.vmap(_single_pair_score)(feat_q, feat_d, out_q[..., :2], weight, cell_mask)
 
 
+FLIP_MODES = ('reference', 'corrected', 'none')
+
+
+def choose_flip(outputs, mirrored_outputs, mode: str):
+  """Per pair, the plain run (i, j) or the run on (i, mirror of j), whichever has the larger mask sum on i.
+
+  The mirrored run's outputs are mapped back as `mode` says (docs/reference.md §7, §10):
+    * 'reference': out_a unchanged; out_b with x -> 1 - x and its mask flipped up-down, maps not
+      mirrored back (the released code, geometrically inconsistent; for parity);
+    * 'corrected': out_a with x -> 1 - x (its targets expressed in the unmirrored j); out_b mirrored
+      left-right as a map (it lives on the mirrored grid), its x (pointing into i) unchanged.
+
+  Args:
+    outputs, mirrored_outputs: (out_a `(B, h, w, 3)`, out_b `(B, h', w', 3)`) of the two runs.
+  Returns:
+    the chosen (out_a, out_b).
+  """
+  out_a, out_b = outputs
+  mirror_a, mirror_b = mirrored_outputs
+  if mode == 'reference':
+    mirror_b = jnp.concatenate([1.0 - mirror_b[..., :1], mirror_b[..., 1:2], mirror_b[..., ::-1, :, 2:]], axis=-1)
+  elif mode == 'corrected':
+    mirror_a = jnp.concatenate([1.0 - mirror_a[..., :1], mirror_a[..., 1:]], axis=-1)
+    mirror_b = mirror_b[:, :, ::-1, :]
+  else:
+    raise ValueError(f'flip mode must be reference or corrected here, got {mode!r}')
+  use = (jnp.sum(mirrored_outputs[0][..., 2], axis=(1, 2)) > jnp.sum(out_a[..., 2], axis=(1, 2)))[:, None, None, None]
+  return jnp.where(use, mirror_a, out_a), jnp.where(use, mirror_b, out_b)
+
+
+def correspondence_stats(out_q, weight, cell_mask):
+  """Summaries of where the scored query cells land in each candidate (for Brueghel boxes).
+
+  Args:
+    out_q: `(B, h, w, 3)` query-side outputs; weight: `(B, h, w)`; cell_mask: bool `(h, w)`.
+
+  Returns:
+    `(B, 11)` float32 columns: [coarse x, coarse y (unweighted mean of the predicted x, y over the
+    scored cells, the reference's coarse location), weight sum, weighted means of source x, y and of
+    target x, y, weighted covariances cov(src x, tgt x), cov(src y, tgt y), variances var(src x),
+    var(src y)]; source = the cell centres in [0, 1] of the query image.
+  """
+  h, w = cell_mask.shape
+  cells = cell_mask.astype(jnp.float32)
+  src = jnp.asarray(geometry.cell_centers(h, w))  # (h, w, 2)
+  tgt = out_q[..., :2]
+  coarse = jnp.sum(tgt * cells[..., None], axis=(1, 2)) / jnp.maximum(jnp.sum(cells), 1.0)
+  wgt = weight * cells
+  total = jnp.sum(wgt, axis=(1, 2))
+  norm = jnp.maximum(total, 1e-12)[:, None]
+  mean_src = jnp.einsum('bhw,hwc->bc', wgt, src) / norm
+  mean_tgt = jnp.einsum('bhw,bhwc->bc', wgt, tgt) / norm
+  dsrc = src[None] - mean_src[:, None, None]
+  dtgt = tgt - mean_tgt[:, None, None]
+  cov = jnp.einsum('bhw,bhwc->bc', wgt, dsrc * dtgt) / norm
+  var = jnp.einsum('bhw,bhwc->bc', wgt, dsrc * dsrc) / norm
+  return jnp.concatenate([coarse, total[:, None], mean_src, mean_tgt, cov, var], axis=1)
+
+
 def retrieval_scores(feat_q, feat_d, self_out_a, self_out_b, out_q, out_d, init_mask=None):
-  """Scores of one query against N candidates (SPEC §4 steps 1-2).
+  """Scores of one query against N candidates (docs/reference.md §4 steps 1-4).
 
   Args:
     feat_q: `(h, w, C)`; feat_d: `(N, hd, wd, C)`.

@@ -8,5 +8,3 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import jax  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
-
-SHARED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared')

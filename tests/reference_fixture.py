@@ -1,24 +1,10 @@
-"""The reference parity fixture (`../shared/fixtures/official_forward_seed7.npz`) and its weight rule."""
+"""The reference parity fixture (`tests/fixtures/official_forward_seed7.npz`) and its weight rule."""
 import os
 
 import numpy as np
 
-FIXTURE_NAME = os.path.join('shared', 'fixtures', 'official_forward_seed7.npz')
-
-
-def _find_fixture() -> str:
-  """`$SEGSWAP_FIXTURE`, else `shared/fixtures/...` in the nearest parent of the repo (CI: `../shared`)."""
-  if os.environ.get('SEGSWAP_FIXTURE'):
-    return os.environ['SEGSWAP_FIXTURE']
-  directory = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  while True:
-    parent = os.path.dirname(directory)
-    if os.path.isfile(os.path.join(parent, FIXTURE_NAME)) or parent == directory:
-      return os.path.join(parent, FIXTURE_NAME)
-    directory = parent
-
-
-FIXTURE_PATH = _find_fixture()
+FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+FIXTURE_PATH = os.path.join(FIXTURE_DIR, 'official_forward_seed7.npz')
 
 
 def load_fixture(path: str = FIXTURE_PATH) -> dict:
@@ -33,7 +19,7 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
 def regenerate_checkpoint(fixture: dict) -> dict:
   """Rebuilds the reference-layout checkpoint dict {'backbone': ..., 'encoder': ...} of the fixture.
 
-  SPEC §7: rng = default_rng(seed); for each key in order, w = standard_normal(shape) * scale + offset.
+  docs/reference.md §8: rng = default_rng(seed); for each key in order, w = standard_normal(shape) * scale + offset.
   BatchNorm `num_batches_tracked` entries are added as the reference state dict has them.
   """
   rng = np.random.default_rng(int(fixture['seed']))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from segswap_jax import checkpoints, convert, model as model_lib
+from segswap_jax import checkpoints, convert, errors, model as model_lib
 import reference_fixture as ref
 
 torch = pytest.importorskip('torch')
@@ -88,13 +88,13 @@ def test_missing_key_and_shape_mismatch_are_named():
   config = model_lib.model_config()
   broken = {'backbone': dict(state['backbone']), 'encoder': dict(state['encoder'])}
   del broken['backbone']['6.5.bn3.running_var']
-  with pytest.raises(convert.ConversionError, match=r"layer3\.5\.bn3\.running_var"):
+  with pytest.raises(errors.CheckpointError, match=r"layer3\.5\.bn3\.running_var"):
     convert.convert_state(broken, config)
   broken = {'backbone': state['backbone'], 'encoder': dict(state['encoder'])}
   broken['encoder']['net.feat_proj.weight'] = np.zeros((128, 1024, 1, 1), np.float32)
-  with pytest.raises(convert.ConversionError, match=r'net\.feat_proj\.weight: shape'):
+  with pytest.raises(errors.CheckpointError, match=r'net\.feat_proj\.weight: shape'):
     convert.convert_state(broken, config)
-  with pytest.raises(convert.ConversionError, match='unexpected key'):  # a 'tiny' model cannot take it
+  with pytest.raises(errors.CheckpointError, match='unexpected key'):  # a 'tiny' model cannot take it
     convert.convert_state(state, model_lib.model_config('small', 'I C I C'))
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from data_pipeline import adain
 from data_pipeline import segments
-from data_pipeline.errors import DataError
+from segswap_jax.errors import DataError
 import test_data_support as support
 
 

@@ -10,7 +10,7 @@ import pytest
 from data_pipeline import builder
 from data_pipeline import generate
 from data_pipeline import shards
-from data_pipeline.errors import DataError
+from segswap_jax.errors import DataError
 import test_data_support as support
 from test_data_support import small_dataset  # noqa: F401 (fixture)
 
@@ -121,8 +121,8 @@ def test_bad_config_values_are_refused(tmp_path):
 def test_cli_prints_one_clear_line_for_user_errors(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'data_pipeline.generate', '--config=configs/data/unsup.py',
-       f'--data_dir={tmp_path}', f'--config.source_dir={tmp_path / "nowhere"}'],
+       f'--data-dir={tmp_path}', f'--config.source_dir={tmp_path / "nowhere"}'],
       cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == f'error: image folder not found: {tmp_path / "nowhere"}'
   assert 'Traceback' not in result.stderr

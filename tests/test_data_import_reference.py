@@ -6,7 +6,7 @@ import pytest
 
 from data_pipeline import builder
 from data_pipeline import import_reference
-from data_pipeline.errors import DataError
+from segswap_jax.errors import DataError
 from test_data_support import generated_pairs  # noqa: F401 (fixture)
 
 

@@ -6,9 +6,10 @@ import pytest
 from data_pipeline import augment
 from data_pipeline import builder
 from data_pipeline import loader
-from data_pipeline.errors import DataError
+from segswap_jax.errors import DataError
+from segswap_jax import features as features_lib
 from segswap_jax import geometry
-from segswap_jax.model import IMAGENET_MEAN, IMAGENET_STD
+from segswap_jax.features import IMAGENET_MEAN, IMAGENET_STD
 import test_data_support as support  # noqa: F401
 from test_data_support import generated_pairs, small_dataset  # noqa: F401 (fixtures)
 from test_data_swap import sift_matches
@@ -195,9 +196,8 @@ def test_eval_loader_is_one_unaugmented_pass(small_dataset):
 
 
 def test_normalisation_matches_the_model():
-  from segswap_jax import model
   image = np.random.default_rng(0).integers(0, 256, (40, 24, 3)).astype(np.uint8)
-  np.testing.assert_allclose(augment.normalize(image), np.asarray(model.normalize_images(image)),
+  np.testing.assert_allclose(augment.normalize(image), np.asarray(features_lib.normalize_images(image)),
                              atol=2e-6)
 
 

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from data_pipeline import segments
-from data_pipeline.errors import DataError, ImageReadError
+from segswap_jax.errors import DataError, ImageError
 import test_data_support as support
 
 
@@ -60,13 +60,13 @@ def test_separated_pairs_are_far_apart():
 def test_read_image_errors_name_the_file(tmp_path):
   corrupt = tmp_path / 'corrupt.jpg'
   corrupt.write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-  with pytest.raises(ImageReadError, match='corrupt.jpg.*not a readable image'):
+  with pytest.raises(ImageError, match='corrupt.jpg.*not a readable image'):
     segments.read_image(str(corrupt))
-  with pytest.raises(ImageReadError, match='missing.png: file not found'):
+  with pytest.raises(ImageError, match='missing.png: file not found'):
     segments.read_image(str(tmp_path / 'missing.png'))
   small = tmp_path / 'small.png'
   cv2.imwrite(str(small), np.zeros((40, 50, 3), np.uint8))
-  with pytest.raises(ImageReadError, match=r'small.png: too small \(50x40 px'):
+  with pytest.raises(ImageError, match=r'small.png: too small \(50x40 px'):
     segments.read_image(str(small), min_side=64)
   logo = segments.read_image(support.bundled('logo.png'))  # RGBA: transparent corners become white
   assert logo.shape == (500, 500, 3) and (logo[0, 0] == 255).all()

@@ -118,7 +118,7 @@ def test_generated_pairs_have_the_stored_format(generated_pairs):
 def test_masks_are_cycle_consistent(generated_pairs):
   for pair in generated_pairs:
     corr_a, corr_b, mask_a, mask_b = (pair[k] for k in ('corr_a', 'corr_b', 'mask_a', 'mask_b'))
-    if pair['num_objects'] == 1:  # SPEC §3: mask B = sample(mask A, at B's correspondences) inside
+    if pair['num_objects'] == 1:  # docs/reference.md §3: mask B = sample(mask A, at B's correspondences) inside
       inside_b = np.all((corr_b > 0) & (corr_b < 1), axis=-1)
       np.testing.assert_allclose(mask_b, geometry.warp_map(mask_a, corr_b) * inside_b, atol=1e-6)
     # Whatever A sees of the object is seen by B where it lands, and back.

@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from eval import discovery, internet, planted
-from segswap_jax import checkpoints, collection, discover, inference, scoring
+from benchmarks import planted
+from eval import collection, discovery, internet
+from segswap_jax import checkpoints, discover, errors, inference, scoring
 from segswap_jax import model as model_lib
 
 SIZE = 64  # 4 x 4 cells
@@ -62,7 +63,7 @@ def test_score_pairs_matches_the_model_and_resumes(model, images, tmp_path):
                                  chunk_pairs=2, keep_all=True)
   assert os.path.getmtime(chunks[0]) == stamp
   np.testing.assert_allclose(again.out_a, result.out_a)
-  with pytest.raises(collection.CollectionError, match='flip'):
+  with pytest.raises(errors.DataError, match='flip'):
     collection.score_pairs(model, images.images, pairs, cache_dir=cache, flip='corrected', batch_size=2,
                            chunk_pairs=2, keep_all=True)
 
@@ -80,8 +81,8 @@ def test_discover_cli_writes_a_report(checkpoint, images, tmp_path, capsys):
   planted.write_class_folder(images, str(folder), ground_truth=False)
   out = tmp_path / 'report'
   code = discover.main(['--checkpoint', checkpoint, '--images', str(folder), '--out', str(out),
-                        '--image_size', str(SIZE), '--max_pairs_per_image', '2', '--batch_size', '4',
-                        '--node_threshold', '0.6'])
+                        '--image-size', str(SIZE), '--max-pairs-per-image', '2', '--batch-size', '4',
+                        '--node-threshold', '0.6'])
   assert code == 0, capsys.readouterr().err
   assert os.path.isfile(out / 'index.html')
   with open(out / 'clusters.json') as f:
@@ -122,12 +123,12 @@ def test_discover_cli_errors(case, tmp_path, capsys):
     planted.write_class_folder(c, str(folder), ground_truth=False)
   target = str(folder if case != 'missing' else tmp_path / 'nowhere')
   code = discover.main(['--checkpoint', str(tmp_path / 'no_checkpoint'), '--images', target,
-                        '--out', str(tmp_path / 'r'), '--image_size', str(SIZE),
-                        '--node_threshold', '1.5' if case == 'threshold' else '0.85'])
+                        '--out', str(tmp_path / 'r'), '--image-size', str(SIZE),
+                        '--node-threshold', '1.5' if case == 'threshold' else '0.85'])
   err = error_line(capsys.readouterr().err)
   assert code == 2 and err.startswith('error:')
   expected = {'empty': 'no images', 'single': 'at least 3', 'unreadable': 'broken.jpg',
-              'missing': 'no such folder', 'threshold': '--node_threshold must be in (0, 1), got 1.5'}[case]
+              'missing': 'no such folder', 'threshold': '--node-threshold: expected a number in (0, 1), got 1.5'}[case]
   assert expected in err
 
 
@@ -135,8 +136,8 @@ def test_internet_cli_end_to_end(checkpoint, tmp_path, capsys):
   c = planted.make_planted_collection(groups=((0, 1, 2),), num_images=4, image_size=SIZE, patch_cells=2, seed=6)
   planted.write_class_folder(c, str(tmp_path / 'data' / 'Horse100'))
   out = tmp_path / 'results.json'
-  args = ['--checkpoint', checkpoint, '--data_dir', str(tmp_path / 'data'), '--classes', 'Horse100',
-          '--image_size', str(SIZE), '--batch_size', '4', '--sigma', 'reference', '1.5', '--out', str(out)]
+  args = ['--checkpoint', checkpoint, '--data-dir', str(tmp_path / 'data'), '--classes', 'Horse100',
+          '--image-size', str(SIZE), '--batch-size', '4', '--sigma', 'reference', '1.5', '--out', str(out)]
   assert internet.main(args) == 0, capsys.readouterr().err
   with open(out) as f:
     results = json.load(f)

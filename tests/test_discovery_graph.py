@@ -1,4 +1,4 @@
-"""The discovery graph on hand-made cases: nodes, affinities, spectral step, maps, masks (SPEC §5)."""
+"""The discovery graph on hand-made cases: nodes, affinities, spectral step, maps, masks (docs/reference.md §7)."""
 import math
 
 import cv2
@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse
 
 from eval import discovery, graph_clusters
+from segswap_jax import errors
 
 H = W = 4
 
@@ -139,7 +140,7 @@ def test_make_pair_set_orients_and_sorts():
   np.testing.assert_array_equal(pair_set.pairs, [[0, 2]])
   np.testing.assert_array_equal(pair_set.out_a, b[None])
   np.testing.assert_array_equal(pair_set.scores, [[2.0, 1.0]])
-  with pytest.raises(discovery.DiscoveryError):
+  with pytest.raises(errors.DataError):
     discovery.make_pair_set(3, [(0, 1), (1, 0)], [a, a], [b, b], [(1, 1)] * 2)
 
 
@@ -278,7 +279,7 @@ def test_merge_groups_rules():
 def test_nodes_without_any_cycle_give_no_pattern_and_no_error():
   # Two images: confident nodes, but no third image closes a 3-cycle: an all-zero affinity (ARPACK
   # stops on it; the demo model's outputs at 192 px hit this).
-  from eval import planted
+  from benchmarks import planted
   pair_set = planted.oracle_pair_set(planted.make_planted_collection(groups=((0, 1),), num_images=2, seed=0))
   for method in ('reference', 'patterns'):
     result = discovery.discover(pair_set, method, sigma=1.0)

@@ -5,7 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from eval import internet, planted
+from benchmarks import planted
+from eval import internet
+from segswap_jax import errors
 
 
 def test_precision_jaccard_by_hand():
@@ -16,7 +18,7 @@ def test_precision_jaccard_by_hand():
   assert jaccard == pytest.approx(1 / 3)  # 1 in both, 3 in either
   # Empty ground truth: P only.
   assert internet.precision_jaccard(pred, np.zeros_like(truth)) == (pytest.approx(4 / 6), None)
-  with pytest.raises(internet.DataError):
+  with pytest.raises(errors.DataError):
     internet.precision_jaccard(pred, truth[:1])
 
 
@@ -66,22 +68,22 @@ def test_reference_sigma_only_for_known_classes(dataset):
   root, _ = dataset
   assert internet.class_sigma('Horse100', 'reference') == 1.2
   assert internet.class_sigma('Horse100', 3.0) == 3.0
-  with pytest.raises(internet.DataError, match='no reference sigma'):
+  with pytest.raises(errors.DataError, match='no reference sigma'):
     internet.class_sigma('Bikes', 'reference')
 
 
 def test_cli_errors_are_one_line(dataset, tmp_path, capsys):
   root, _ = dataset
-  code = internet.main(['--checkpoint', str(tmp_path), '--data_dir', str(tmp_path / 'missing')])
+  code = internet.main(['--checkpoint', str(tmp_path), '--data-dir', str(tmp_path / 'missing')])
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.startswith('error:') and 'missing' in err and '\n' not in err
-  code = internet.main(['--checkpoint', str(tmp_path), '--data_dir', root, '--classes', 'Horse100'])
+  code = internet.main(['--checkpoint', str(tmp_path), '--data-dir', root, '--classes', 'Horse100'])
   err = capsys.readouterr().err.strip()
   assert code == 2 and 'Horse100' in err and '\n' not in err
   broken = tmp_path / 'data' / 'Airplane100'
   planted.write_class_folder(planted.make_planted_collection(groups=((0, 1, 2),), seed=1), str(broken))
   os.remove(broken / 'GroundTruth' / 'img_01.png')
-  code = internet.main(['--checkpoint', str(tmp_path), '--data_dir', str(tmp_path / 'data'),
+  code = internet.main(['--checkpoint', str(tmp_path), '--data-dir', str(tmp_path / 'data'),
                         '--classes', 'Airplane100'])
   err = capsys.readouterr().err.strip()
   assert code == 2 and 'img_01.png' in err and '\n' not in err

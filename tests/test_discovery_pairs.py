@@ -2,9 +2,16 @@
 import jax.numpy as jnp
 import numpy as np
 
-from eval import planted
-from segswap_jax import collection
-from segswap_jax import model as model_lib
+from benchmarks import planted
+from eval import collection
+from segswap_jax import features as features_lib
+from segswap_jax import scoring
+
+
+def _mirrored_run_kept(mirror_a, mirror_b, mode):
+  """`choose_flip` when the plain run's masks are all zero, so the mirrored run is always taken."""
+  plain = (jnp.zeros_like(mirror_a), jnp.zeros_like(mirror_b))
+  return scoring.choose_flip(plain, (jnp.asarray(mirror_a), jnp.asarray(mirror_b)), mode)
 
 
 def test_corrected_flip_undoes_the_mirror():
@@ -16,7 +23,7 @@ def test_corrected_flip_undoes_the_mirror():
   mirror_a = out_a.copy()
   mirror_a[..., 0] = 1.0 - out_a[..., 0]  # i's cells now point into the mirrored j
   mirror_b = out_b[:, :, ::-1].copy()  # j's maps live on the mirrored grid; they still point into i
-  flip_a, flip_b = collection._apply_flip(None, (jnp.asarray(mirror_a), jnp.asarray(mirror_b)), 'corrected')
+  flip_a, flip_b = _mirrored_run_kept(mirror_a, mirror_b, 'corrected')
   np.testing.assert_allclose(np.asarray(flip_a), out_a, atol=1e-6)
   np.testing.assert_allclose(np.asarray(flip_b), out_b, atol=1e-6)
 
@@ -25,8 +32,7 @@ def test_reference_flip_quirk():
   rng = np.random.default_rng(0)
   mirror_a = rng.random((2, 3, 4, 3)).astype(np.float32)
   mirror_b = rng.random((2, 3, 4, 3)).astype(np.float32)
-  flip_a, flip_b = map(np.asarray, collection._apply_flip(None, (jnp.asarray(mirror_a), jnp.asarray(mirror_b)),
-                                                          'reference'))
+  flip_a, flip_b = map(np.asarray, _mirrored_run_kept(mirror_a, mirror_b, 'reference'))
   np.testing.assert_array_equal(flip_a, mirror_a)  # kept as is
   np.testing.assert_allclose(flip_b[..., 0], 1.0 - mirror_b[..., 0])  # x -> 1 - x, not mirrored
   np.testing.assert_array_equal(flip_b[..., 1], mirror_b[..., 1])
@@ -45,9 +51,9 @@ def test_candidate_pairs_by_hand():
 
 def test_denormalize_switch_inverts_the_normalisation():
   images = np.array([[[[255, 0, 128]]]], np.uint8)
-  standard = np.asarray(collection._input_images(images, False))[0, 0, 0]
-  quirk = np.asarray(collection._input_images(images, True))[0, 0, 0]
-  mean, std = np.array(model_lib.IMAGENET_MEAN), np.array(model_lib.IMAGENET_STD)
+  standard = np.asarray(features_lib.model_inputs(images, 'imagenet'))[0, 0, 0]
+  quirk = np.asarray(features_lib.model_inputs(images, 'denormalized'))[0, 0, 0]
+  mean, std = np.array(features_lib.IMAGENET_MEAN), np.array(features_lib.IMAGENET_STD)
   x = np.array([1.0, 0.0, 128 / 255])
   np.testing.assert_allclose(standard, (x - mean) / std, rtol=1e-6)
   np.testing.assert_allclose(quirk, x * std + mean, rtol=1e-6)

@@ -3,7 +3,9 @@ import cv2
 import numpy as np
 import pytest
 
-from eval import discovery, planted
+from benchmarks import planted
+from eval import discovery
+from segswap_jax import errors
 
 
 @pytest.fixture(scope='module')
@@ -78,5 +80,5 @@ def test_empty_and_degenerate_inputs():
   for method in discovery.METHODS:
     result = discovery.discover(empty, method, 1.0)
     assert result.maps.shape == (4, 4, 4) and not result.maps.any() and not result.patterns
-  with pytest.raises(discovery.DiscoveryError):
+  with pytest.raises(errors.DataError):
     discovery.discover(empty, 'nonsense', 1.0)

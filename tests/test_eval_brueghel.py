@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 import eval_toy_data as toy
-from eval import brueghel, reference_loop
-from eval.batched_scoring import correspondence_stats
+from benchmarks import reference_loop
+from eval import brueghel
+from segswap_jax.scoring import correspondence_stats
 from segswap_jax import checkpoints, geometry
 
 
@@ -125,9 +126,9 @@ def _oracle_map(root, checkpoint):
 
 def test_brueghel_end_to_end_matches_the_reference_loop(brueghel_dir, checkpoint, tmp_path, capsys):
   out, coarse = tmp_path / 'b.json', tmp_path / 'coarse.json'
-  code = brueghel.main(['--checkpoint', checkpoint, '--data_dir', str(brueghel_dir), '--split', 'test',
-                        '--db_size', '160', '--query_box_size', '32', '--batch_size', '4',
-                        '--cache_dtype', 'float32', '--out', str(out), '--out_coarse', str(coarse)])
+  code = brueghel.main(['--checkpoint', checkpoint, '--data-dir', str(brueghel_dir), '--split', 'test',
+                        '--db-size', '160', '--query-box-size', '32', '--batch-size', '4',
+                        '--cache-dtype', 'float32', '--out', str(out), '--out-coarse', str(coarse)])
   assert code == 0
   result = json.loads(out.read_text())
   expected_per_category, oracle_scores = _oracle_map(brueghel_dir, checkpoint)
@@ -153,7 +154,7 @@ def test_brueghel_errors_name_the_file(brueghel_dir, checkpoint, tmp_path, capsy
   os.makedirs(bad)
   os.symlink(brueghel_dir / 'Image', bad / 'Image')
   (bad / 'brueghelTest.json').write_text(json.dumps({'a': [{'query': ['missing.png', [0, 0, 5, 5]], 'gt': []}]}))
-  args = ['--checkpoint', checkpoint, '--data_dir', str(bad), '--out', str(tmp_path / 'x.json')]
+  args = ['--checkpoint', checkpoint, '--data-dir', str(bad), '--out', str(tmp_path / 'x.json')]
   assert brueghel.main(args) == 2
   err = capsys.readouterr().err.strip()
   assert "brueghelTest.json: image 'missing.png' of category a is not in" in err

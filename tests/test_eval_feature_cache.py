@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import skimage
 
-from eval import feature_cache, images
-from eval.retrieval import DataError
+from eval import feature_cache, place_formats
+from segswap_jax import images
+from segswap_jax.errors import DataError
 
 SKIMAGE_DATA = os.path.join(os.path.dirname(skimage.__file__), 'data')
 PHOTOS = ['astronaut.png', 'chelsea.png', 'coffee.png', 'rocket.jpg', 'motorcycle_left.png']
@@ -32,7 +33,7 @@ def image_dir(tmp_path):
 
 
 def _load(folder, name):
-  return images.load_resized(images.resolve(name, [folder]), (96, 64))
+  return images.load_image(place_formats.resolve(name, [folder]), (64, 96))
 
 
 META = {'fingerprint': 'abc', 'image_size': [64, 96], 'feature_shape': [4, 6, 3], 'dtype': 'float16'}
@@ -101,14 +102,14 @@ def test_stale_cache_is_refused(image_dir, tmp_path):
 def test_unreadable_and_missing_images_name_the_file(image_dir, tmp_path):
   cache = feature_cache.FeatureCache(str(tmp_path / 'cache'), META)
   load = functools.partial(_load, image_dir)
-  with pytest.raises(DataError, match=r'cannot read image .*broken\.jpg'):
+  with pytest.raises(DataError, match=r'broken\.jpg: unreadable or corrupt image'):
     cache.fill(['broken.jpg'], load, _pooled_features, 1)
   with pytest.raises(DataError, match=r'image not found: .*nothere\.jpg'):
     cache.fill(['nothere.jpg'], load, _pooled_features, 1)
 
 
 def test_resolve_swaps_extension_and_fingerprint_changes_with_values(image_dir):
-  assert images.resolve('sub/astronaut.jpg', [image_dir]).endswith('astronaut.png')
+  assert place_formats.resolve('sub/astronaut.jpg', [image_dir]).endswith('astronaut.png')
   tree = {'a': np.zeros(3, np.float32), 'b': {'c': np.ones((2, 2))}}
   same = {'a': np.zeros(3, np.float32), 'b': {'c': np.ones((2, 2))}}
   changed = {'a': np.zeros(3, np.float32), 'b': {'c': np.full((2, 2), 2.0)}}

@@ -49,8 +49,8 @@ def tokyo(tmp_path_factory):
 
 
 def _run(main, root, checkpoint, out, *extra):
-  code = main(['--checkpoint', checkpoint, '--data_dir', root, '--topk', '4', '--batch_size', '4',
-               '--image_size', '96', '64', '--cache_dtype', 'float32', '--out', str(out), *extra])
+  code = main(['--checkpoint', checkpoint, '--data-dir', root, '--topk', '4', '--batch-size', '4',
+               '--image-size', '64', '96', '--cache-dtype', 'float32', '--out', str(out), *extra])
   return code, (json.loads(out.read_text()) if code == 0 and out.exists() else None)
 
 
@@ -156,7 +156,7 @@ def test_unreadable_image_names_the_file(tokyo, checkpoint, tmp_path, capsys):
     path.write_bytes(b'\x89PNG truncated')
   code, _ = _run(tokyo247.main, str(root), checkpoint, tmp_path / 'x.json')
   err = _error(capsys)
-  assert code == 2 and err.startswith('error: cannot read image ') and '/broken/database/0381' in err
+  assert code == 2 and err.startswith('error: ') and 'unreadable or corrupt image' in err and '/broken/database/0381' in err
 
 
 def test_two_processes_split_queries_and_process_0_writes(tokyo, checkpoint, tmp_path):
@@ -169,9 +169,9 @@ def test_two_processes_split_queries_and_process_0_writes(tokyo, checkpoint, tmp
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
   out = tmp_path / 'multi.json'
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'eval.tokyo247', '--checkpoint', checkpoint, '--data_dir', tokyo, '--topk', '4',
-       '--batch_size', '4', '--image_size', '96', '64', '--cache_dtype', 'float32', '--out', str(out),
-       '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2', '--process_id', str(i)],
+      [sys.executable, '-m', 'eval.tokyo247', '--checkpoint', checkpoint, '--data-dir', tokyo, '--topk', '4',
+       '--batch-size', '4', '--image-size', '64', '96', '--cache-dtype', 'float32', '--out', str(out),
+       '--coordinator-address', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)],
       env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   logs = [p.communicate(timeout=240)[0] for p in procs]

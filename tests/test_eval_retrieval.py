@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from eval import retrieval
+from segswap_jax import errors
 
 
 def _reference_nms(rank_idx, group=12):
@@ -70,9 +71,9 @@ def test_baseline_score_matrix_and_index_matrix():
 
 
 def test_baseline_size_mismatch_names_the_file():
-  with pytest.raises(retrieval.DataError, match=r'top100\.npy: score matrix has 3 columns but .* 5'):
+  with pytest.raises(errors.DataError, match=r'top100\.npy: score matrix has 3 columns but .* 5'):
     retrieval.baseline_ranking(np.zeros((2, 3), np.float32), 5, 2, source='top100.npy')
-  with pytest.raises(retrieval.DataError, match='top100.npy'):
+  with pytest.raises(errors.DataError, match='top100.npy'):
     retrieval.baseline_ranking(np.array([[9, 1]]), 5, 2, source='top100.npy')
 
 

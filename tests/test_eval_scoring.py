@@ -1,26 +1,22 @@
-"""Batched, sharded candidate scoring equals the reference-style per-pair loop, and both match the fixture."""
-import os
-
+"""Batched, sharded candidate scoring of the inference engine equals the reference-style per-pair loop,
+and both match the fixture."""
 import jax
 import numpy as np
 import pytest
 
 import eval_toy_data as toy
 import reference_fixture as ref
-from eval import reference_loop
-from eval.batched_scoring import CandidateScorer, balanced_batch_size, gather_rows, query_shard
+from benchmarks import reference_loop
 from segswap_jax import convert
+from segswap_jax import inference
 from segswap_jax import model as model_lib
-
-
-# The fixture sits in ../shared beside the main checkout; worktrees elsewhere can point at it.
-FIXTURE_PATHS = (ref.FIXTURE_PATH, os.path.join(os.environ.get('SEGSWAP_SHARED_DIR', '/work/shared'),
-                                                'fixtures', os.path.basename(ref.FIXTURE_PATH)))
+from segswap_jax.inference import balanced_batch_size
+from segswap_jax.multihost import gather_rows, query_shard
 
 
 @pytest.fixture(scope='module')
 def fixture():
-  return ref.load_fixture(next((p for p in FIXTURE_PATHS if os.path.exists(p)), ref.FIXTURE_PATH))
+  return ref.load_fixture()
 
 
 def test_reference_loop_reproduces_fixture_from_its_outputs(fixture):
@@ -41,10 +37,10 @@ def test_reference_loop_reproduces_fixture_from_its_outputs(fixture):
 def test_batched_equals_reference_loop_on_fixture_weights(fixture):
   config = model_lib.model_config('small')
   params, _ = convert.convert_state(ref.regenerate_checkpoint(fixture), config)
-  scorer = CandidateScorer(params, config, batch_size=4)  # 4 emulated devices, 2 valid + 2 padded
-  assert len(scorer.devices) == jax.local_device_count() == 4
-  feats = scorer.features(fixture['images'])
-  batched = scorer.score(feats[0], 2, lambda rows: feats[1 + rows])
+  model = inference.SegSwap(params, config)  # 4 emulated devices: 2 valid + 2 padded candidates
+  assert model.num_devices == jax.local_device_count() == 4
+  feats = np.asarray(model.features(fixture['images']))
+  batched = model.score_candidates(feats[0], 2, lambda rows: feats[1 + rows], batch_size=4)
   loop = reference_loop.ReferenceLoopScorer(params, config).score(
       feats[0], list(fixture['images'][1:]), from_images=True)
   np.testing.assert_allclose(batched['score'], loop['score'], rtol=1e-5)
@@ -57,23 +53,23 @@ def test_batched_equals_reference_loop_on_fixture_weights(fixture):
 
 @pytest.fixture(scope='module')
 def tiny():
-  """A tiny random model, its batched scorer on 4 devices (batch 3 -> 4), its loop, and 8 photos' features."""
+  """A tiny random model on 4 devices, its loop, and 8 photos' features."""
   config = model_lib.model_config('tiny')
   params = toy.random_params(config, seed=3)
   images = np.stack([np.asarray(toy.photo(i).resize((96, 64))) for i in range(8)])
-  scorer = CandidateScorer(params, config, batch_size=3)
+  model = inference.SegSwap(params, config)
   loop = reference_loop.ReferenceLoopScorer(params, config)
-  return config, params, scorer, loop, scorer.features(images)
+  return config, params, model, loop, np.asarray(model.features(images))
 
 
 def test_batched_equals_loop_with_padding_box_mask_and_float16(tiny):
-  config, params, scorer, loop, feats = tiny
-  assert scorer.batch_size == 4  # 7 candidates = 4 + 3 (+1 padded)
+  config, params, model, loop, feats = tiny
+  assert model.batch_size(3) == 4  # 7 candidates = 4 + 3 (+1 padded)
   cached = feats[1:].astype(np.float16)  # the feature cache's dtype
   box = np.zeros(feats.shape[1:3], np.float32)
   box[1:3, 2:5] = 1.0
   for init in (None, box):
-    batched = scorer.score(feats[0], 7, lambda rows: cached[rows], init_mask=init)
+    batched = model.score_candidates(feats[0], 7, lambda rows: cached[rows], init_mask=init, batch_size=3)
     expected = loop.score(feats[0], list(cached), init_mask=init)
     assert batched['score'].shape == (7,) and np.isfinite(batched['score']).all()
     np.testing.assert_allclose(batched['score'], expected['score'], rtol=1e-5, atol=1e-7)
@@ -81,16 +77,17 @@ def test_batched_equals_loop_with_padding_box_mask_and_float16(tiny):
   # The scores are not all equal (the check above is not vacuous).
   assert np.ptp(batched['score']) > 1e-4
   # One device gives the same numbers as four.
-  single = CandidateScorer(params, config, batch_size=4, devices=jax.local_devices()[:1])
-  np.testing.assert_allclose(single.score(feats[0], 7, lambda rows: cached[rows])['score'],
-                             scorer.score(feats[0], 7, lambda rows: cached[rows])['score'], rtol=1e-6)
+  single = inference.SegSwap(params, config, devices=jax.local_devices()[:1])
+  np.testing.assert_allclose(single.score_candidates(feats[0], 7, lambda rows: cached[rows], batch_size=4)['score'],
+                             model.score_candidates(feats[0], 7, lambda rows: cached[rows], batch_size=4)['score'],
+                             rtol=1e-6)
 
 
 def test_coarse_location_is_the_unweighted_mean_over_box_cells(tiny):
-  _, _, scorer, loop, feats = tiny
+  _, _, model, loop, feats = tiny
   box = np.zeros(feats.shape[1:3], np.float32)
   box[0:2, 1:4] = 1.0
-  stats = scorer.score(feats[0], 1, lambda rows: feats[1 + rows], init_mask=box)['stats'][0]
+  stats = model.score_candidates(feats[0], 1, lambda rows: feats[1 + rows], init_mask=box)['stats'][0]
   out_q, _ = loop.pair(feats[0], feats[1])
   np.testing.assert_allclose(stats[:2], out_q[0:2, 1:4, :2].reshape(-1, 2).mean(0), rtol=1e-5)
 

@@ -1,4 +1,4 @@
-"""The SPEC §2 objective on hand-made cases whose values are worked out independently here."""
+"""The docs/reference.md §2 objective on hand-made cases whose values are worked out independently here."""
 import math
 
 import numpy as np

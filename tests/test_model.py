@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from segswap_jax import model as model_lib
+from segswap_jax import features as features_lib
 
 
 def _features(key, shape):
-  return model_lib.l2_normalize(jax.random.normal(key, shape))
+  return features_lib.l2_normalize(jax.random.normal(key, shape))
 
 
 @pytest.mark.parametrize('size', sorted(model_lib.TRANSFORMER_SIZES))
@@ -21,14 +22,14 @@ def test_reference_sizes_and_parameter_counts(size):
   num_layers = sum(c != 'N' for c in config.block_types.split())
   assert count == 1024 * d + d + num_layers * layer + 3 * d + 3
   assert config.block_types.split()[-1] == 'N' and len(config.block_types.split()) == 2 * blocks
-  if size == 'small':  # SPEC §1: the released transformer has 2,242,051 parameters.
+  if size == 'small':  # docs/reference.md §1: the released transformer has 2,242,051 parameters.
     assert count == 2_242_051
 
 
 def test_backbone_parameter_count_matches_reference():
   config = model_lib.model_config()
   params = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
-  # SPEC §1: 8,543,296 backbone parameters (PyTorch's count: BatchNorm running statistics are buffers).
+  # docs/reference.md §1: 8,543,296 backbone parameters (PyTorch's count: BatchNorm running statistics are buffers).
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(params['backbone']['params'])) == 8_543_296
   num_bn_channels = sum(x.shape[0] for x in jax.tree.leaves(params['backbone']['batch_stats'])) // 2
   assert num_bn_channels == 15_296
@@ -99,5 +100,5 @@ def test_backbone_stride_and_non_square_input():
   config = model_lib.model_config('tiny')
   params = model_lib.init_params(config, jax.random.key(4))
   images = jax.random.uniform(jax.random.key(5), (1, 48, 80, 3)) * 255
-  raw = model_lib.build_backbone(config).apply(params['backbone'], model_lib.normalize_images(images))
+  raw = model_lib.build_backbone(config).apply(params['backbone'], features_lib.normalize_images(images))
   assert raw.shape == (1, 3, 5, 1024) and bool(jnp.all(jnp.isfinite(raw)))

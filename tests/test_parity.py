@@ -1,4 +1,4 @@
-"""Parity with the reference PyTorch model on seeded weights (SPEC §7): the project's proof of fidelity.
+"""Parity with the reference PyTorch model on seeded weights (docs/reference.md §8): the project's proof of fidelity.
 
 The fixture's weights are regenerated from their rule, written as a reference-layout `.pth`, converted
 with the user-facing converter, loaded from the Orbax checkpoint and run through the public API.
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from segswap_jax import checkpoints, convert, inference, model as model_lib
+from segswap_jax import features as features_lib
 import reference_fixture as ref
 
 ATOL = 1e-4
@@ -33,7 +34,7 @@ def converted(fixture, tmp_path_factory):
 def outputs(fixture, converted):
   images = fixture['images']
   raw = model_lib.build_backbone(converted.config).apply(
-      converted.params['backbone'], model_lib.normalize_images(images))
+      converted.params['backbone'], features_lib.normalize_images(images))
   features = converted.features(images)
   query, targets = features[:1], features[1:]
   self_pair = converted.pair(query, query)

@@ -9,6 +9,7 @@ import pytest
 import skimage
 
 from segswap_jax import convert, predict
+from segswap_jax import images as images_lib
 
 SKIMAGE_DATA = os.path.join(os.path.dirname(skimage.__file__), 'data')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ def test_score_batching_does_not_change_results(checkpoint):
   from segswap_jax import inference
   model = inference.SegSwap.load(checkpoint)
   names = ('astronaut.png', 'chelsea.png', 'coffee.png', 'rocket.jpg', 'motorcycle_left.png')
-  images = np.stack([inference.load_image(os.path.join(SKIMAGE_DATA, n), (48, 64)) for n in names])
+  images = np.stack([images_lib.load_image(os.path.join(SKIMAGE_DATA, n), (48, 64)) for n in names])
   one = model.score(images[0], images[1:], batch_size=1)
   three = model.score(images[0], images[1:], batch_size=3)  # 3 + padded 1
   np.testing.assert_allclose(one['scores'], three['scores'], rtol=1e-5)

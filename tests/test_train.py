@@ -20,9 +20,11 @@ from configs import demo
 from data_pipeline import builder
 from data_pipeline import generate
 from segswap_jax import checkpoints
-from segswap_jax import hard_mining
-from segswap_jax import train
-from segswap_jax import train_logging
+from segswap_jax import errors
+from segswap_jax.training import config as config_lib
+from segswap_jax.training import hard_mining
+from segswap_jax.training import loop
+from segswap_jax.training import metrics as train_logging
 from test_data_support import small_config
 from test_eval_brueghel import brueghel_dir  # noqa: F401 (fixture: a miniature Brueghel folder)
 
@@ -82,7 +84,7 @@ def train_losses(workdir):
 def uninterrupted(train_dataset, tmp_path_factory):
   """8 steps in one go (warm-up 2 + 2 epochs of 3), the reference every resume must reproduce."""
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  summary = train.train_and_evaluate(tiny_config(train_dataset), workdir)
+  summary = loop.train_and_evaluate(tiny_config(train_dataset), workdir)
   return workdir, summary
 
 
@@ -115,9 +117,9 @@ def test_a_run_writes_everything_it_promises(uninterrupted):
 
 def test_resume_ends_with_the_same_parameters(train_dataset, uninterrupted, tmp_path):
   workdir = str(tmp_path / 'resumed')
-  first = train.train_and_evaluate(tiny_config(train_dataset, num_epochs=2), workdir)   # 5 steps
+  first = loop.train_and_evaluate(tiny_config(train_dataset, num_epochs=2), workdir)   # 5 steps
   assert first['steps'] == 5
-  second = train.train_and_evaluate(tiny_config(train_dataset), workdir)                # 5 -> 8
+  second = loop.train_and_evaluate(tiny_config(train_dataset), workdir)                # 5 -> 8
   assert second['steps'] == 8
   assert_trees_equal(final_params(workdir), final_params(uninterrupted[0]))
   assert train_losses(workdir) == train_losses(uninterrupted[0])
@@ -136,24 +138,24 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(train_dat
   killer = threading.Thread(target=send_sigterm_after_the_first_steps, daemon=True)
   killer.start()
   with pytest.raises(SystemExit) as stopped:
-    train.train_and_evaluate(tiny_config(train_dataset), workdir)
+    loop.train_and_evaluate(tiny_config(train_dataset), workdir)
   killer.join()
-  assert stopped.value.code == train.PREEMPTED_EXIT_CODE
+  assert stopped.value.code == loop.PREEMPTED_EXIT_CODE
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
   assert saved and 2 <= saved[-1] < 8
-  summary = train.train_and_evaluate(tiny_config(train_dataset), workdir)
+  summary = loop.train_and_evaluate(tiny_config(train_dataset), workdir)
   assert summary['steps'] == 8
   assert_trees_equal(final_params(workdir), final_params(uninterrupted[0]))
 
 
 def test_initialising_from_an_exported_model(train_dataset, uninterrupted, tmp_path):
   config = tiny_config(train_dataset, init_checkpoint=os.path.join(uninterrupted[0], 'model'))
-  model_config = train.build_model_config(config)
-  assert_trees_equal(train.initial_model_params(config, model_config), final_params(uninterrupted[0]))
+  model_config = config_lib.build_model_config(config)
+  assert_trees_equal(loop.initial_model_params(config, model_config), final_params(uninterrupted[0]))
   other = tiny_config(train_dataset, init_checkpoint=os.path.join(uninterrupted[0], 'model'),
                       **{'model.block_types': 'I C I N'})
-  with pytest.raises(train.TrainError, match='other settings'):
-    train.initial_model_params(other, train.build_model_config(other))
+  with pytest.raises(errors.ConfigError, match='other settings'):
+    loop.initial_model_params(other, config_lib.build_model_config(other))
 
 
 def _free_port():
@@ -169,7 +171,7 @@ def test_two_processes_of_two_devices_match_one_process_of_four(train_dataset, u
          'PYTHONPATH': REPO}
   processes = [subprocess.Popen(
       command_line(train_dataset, workdir, num_epochs=2) + [
-          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+          f'--coordinator-address=127.0.0.1:{port}', '--num-processes=2', f'--process-id={i}'],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in processes]
   for (out, err), process in zip(outputs, processes):
@@ -188,14 +190,11 @@ def test_hard_negative_miner(train_dataset, tmp_path):
                        **{'hard_mining.enabled': True, 'hard_mining.pool_size': 4,
                           'hard_mining.round_steps': 3, 'hard_mining.num_hard': 2,
                           'hard_mining.batch_size': 2})
-  model_config = train.build_model_config(config)
-  from segswap_jax import train_step as train_step_lib
-  state, frozen = train_step_lib.create_train_state(train.initial_model_params(config, model_config),
-                                                    train.training_settings(config))
-  params = train_step_lib.replicate(state.params)
-  frozen = train_step_lib.replicate(frozen)
+  model_config = config_lib.build_model_config(config)
+  params = loop.initial_model_params(config, model_config)
+  current = lambda: params
   miner = hard_mining.HardNegativeMiner(train_dataset, model_config, config, str(tmp_path))
-  first = miner.negatives(0, params, frozen)
+  first = miner.negatives(0, current)
   assert first['hard_feat_a'].shape == (jax.local_device_count(), 2, 8, 8, 16)
   assert first['hard_feat_a'].dtype == np.float16
   np.testing.assert_allclose(np.linalg.norm(first['hard_feat_a'].astype(np.float32), axis=-1), 1.0,
@@ -206,8 +205,8 @@ def test_hard_negative_miner(train_dataset, tmp_path):
   # A fresh miner (a resumed run) reads the round's scores back and draws the same negatives.
   again = hard_mining.HardNegativeMiner(train_dataset, model_config, config, str(tmp_path))
   for key in first:
-    np.testing.assert_array_equal(again.negatives(0, params, frozen)[key], first[key])
-  assert not np.array_equal(again.negatives(1, params, frozen)['hard_feat_a'], first['hard_feat_a'])
+    np.testing.assert_array_equal(again.negatives(0, current)[key], first[key])
+  assert not np.array_equal(again.negatives(1, current)['hard_feat_a'], first['hard_feat_a'])
 
 
 def test_draw_negatives_follows_the_scores():
@@ -227,7 +226,7 @@ def test_a_short_hard_mining_run(train_dataset, tmp_path):
                        **{'hard_mining.enabled': True, 'hard_mining.pool_size': 4,
                           'hard_mining.round_steps': 2, 'hard_mining.num_hard': 1,
                           'hard_mining.batch_size': 2})
-  summary = train.train_and_evaluate(config, str(tmp_path / 'stage2'))
+  summary = loop.train_and_evaluate(config, str(tmp_path / 'stage2'))
   assert summary['steps'] == 3
   assert sorted(os.listdir(str(tmp_path / 'stage2' / 'hard_mining'))) == ['round_0.npz', 'round_1.npz']
   rounds = [r for r in train_logging.read_metrics(str(tmp_path / 'stage2')) if 'mining/hard_score_max' in r]
@@ -237,8 +236,8 @@ def test_a_short_hard_mining_run(train_dataset, tmp_path):
 def test_a_workdir_of_another_model_is_refused_and_left_alone(train_dataset, uninterrupted):
   workdir = uninterrupted[0]
   before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
-  with pytest.raises(train.TrainError, match=r'another model \(differs in: d_model, size\)'):
-    train.train_and_evaluate(tiny_config(train_dataset, **{'model.size': 'small'}), workdir)
+  with pytest.raises(errors.ConfigError, match=r'another model \(differs in: d_model, size\)'):
+    loop.train_and_evaluate(tiny_config(train_dataset, **{'model.size': 'small'}), workdir)
   after = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
   assert before == after
 
@@ -254,10 +253,10 @@ def test_a_dataset_with_wrong_feature_shapes_is_refused(train_dataset, tmp_path)
   data_dir = str(tmp_path / 'broken')
   builder.write_dataset(data_dir, 'bundled', {'train': lambda: iter(examples),
                                               'validation': lambda: iter(examples)}, {'image_size': 128})
-  with pytest.raises(train.TrainError, match=r'feature mask_a has shape \(5, 5\), expected \(8, 8\)'):
-    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / 'workdir'))
-  with pytest.raises(train.TrainError, match='holds 128x128 pairs, the config trains at 256'):
-    train.train_and_evaluate(tiny_config(train_dataset, **{'data.image_size': 256}), str(tmp_path / 'w2'))
+  with pytest.raises(errors.DataError, match=r'feature mask_a has shape \(5, 5\), expected \(8, 8\)'):
+    loop.train_and_evaluate(tiny_config(data_dir), str(tmp_path / 'workdir'))
+  with pytest.raises(errors.ConfigError, match='holds 128x128 pairs, the config trains at 256'):
+    loop.train_and_evaluate(tiny_config(train_dataset, **{'data.image_size': 256}), str(tmp_path / 'w2'))
   assert not os.path.exists(str(tmp_path / 'w2' / 'checkpoints'))
 
 
@@ -278,7 +277,7 @@ def test_brueghel_validation_picks_the_best_checkpoint(train_dataset, brueghel_d
   workdir = str(tmp_path / 'with_brueghel')
   config = tiny_config(train_dataset, num_epochs=2, brueghel_dir=str(brueghel_dir), brueghel_db_size=128,
                        brueghel_box_size=32, brueghel_batch_size=2)
-  summary = train.train_and_evaluate(config, workdir)
+  summary = loop.train_and_evaluate(config, workdir)
   records = [r for r in train_logging.read_metrics(workdir) if 'val/brueghel_map' in r]
   assert [r['step'] for r in records] == [0, 2, 5]
   assert summary['best']['metric'] == 'brueghel_map'

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from segswap_jax import model as model_lib
-from segswap_jax import train_step as train_step_lib
+from benchmarks import random_batches
+from segswap_jax.training import step as train_step_lib
 
 
 def tiny_model_config(backbone='small_convnet'):
@@ -27,7 +28,7 @@ def settings(**overrides):
 
 
 def random_batch(seed, batch=3, size=64):
-  return train_step_lib.random_batch(batch, size, seed)
+  return random_batches.random_batch(batch, size, seed)
 
 
 def init(model_config, config):

@@ -28,7 +28,7 @@ def small_model(directory):
 def test_metrics_match_the_inference_api_on_the_stored_pairs(small_dataset, tmp_path):  # noqa: F811
   checkpoint = small_model(str(tmp_path / 'model'))
   out, picture = tmp_path / 'metrics.json', tmp_path / 'preds.png'
-  assert validation.main(['--checkpoint', checkpoint, '--data', small_dataset, '--out', str(out),
+  assert validation.main(['--checkpoint', checkpoint, '--data-dir', small_dataset, '--out', str(out),
                           '--picture', str(picture)]) == 0
   result = json.loads(out.read_text())
 
@@ -54,12 +54,12 @@ def test_metrics_match_the_inference_api_on_the_stored_pairs(small_dataset, tmp_
 
 
 def test_errors_are_one_line(small_dataset, tmp_path, capsys):  # noqa: F811
-  assert validation.main(['--checkpoint', str(tmp_path / 'nowhere'), '--data', small_dataset]) == 2
+  assert validation.main(['--checkpoint', str(tmp_path / 'nowhere'), '--data-dir', small_dataset]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error:') and 'nowhere' in err and '\n' not in err
   checkpoint = small_model(str(tmp_path / 'model'))
-  assert validation.main(['--checkpoint', checkpoint, '--data', str(tmp_path)]) == 2
+  assert validation.main(['--checkpoint', checkpoint, '--data-dir', str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error:') and 'no segswap_pairs dataset' in err and '\n' not in err
-  assert validation.main(['--checkpoint', checkpoint, '--data', small_dataset, '--split', 'test']) == 2
+  assert validation.main(['--checkpoint', checkpoint, '--data-dir', small_dataset, '--split', 'test']) == 2
   assert "no split 'test'" in capsys.readouterr().err

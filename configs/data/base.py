@@ -1,4 +1,4 @@
-"""Pair generation: the reference setting (SPEC §3), shared by the other data configs.
+"""Pair generation: the reference setting (docs/reference.md §3), shared by the other data configs.
 
   python -m data_pipeline.generate --config=configs/data/coco.py --data_dir DATA \\
       --config.source_dir=/datasets/coco

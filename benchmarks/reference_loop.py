@@ -1,10 +1,11 @@
 """The reference's way of scoring, kept as a test oracle and a benchmark baseline.
 
-Mirrors the released evaluation scripts (REFERENCE_EVAL §0-1): one forward per candidate (backbone when
-images are given, then the transformer at batch 1), masks on the host in float32 numpy, and the score as
-a Python loop over the source cells that keeps, per distinct target cell, the maximum of 0 and the
-weighted similarities (the reference's `score_local_feat_match`). Deliberately independent of
-`segswap_jax.scoring` (only the one bilinear sampler is shared), so that agreement means something.
+Mirrors the released evaluation scripts (docs/reference.md §4-5): one forward per candidate (backbone
+when images are given, then the transformer at batch 1, through the inference engine), masks on the
+host in float32 numpy, and the score as a Python loop over the source cells that keeps, per distinct
+target cell, the maximum of 0 and the weighted similarities (the reference's `score_local_feat_match`).
+Deliberately independent of `segswap_jax.scoring` (only the one bilinear sampler is shared), so that
+agreement means something.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.batched_scoring import backbone_features
+from segswap_jax import features as features_lib
 from segswap_jax import geometry
-from segswap_jax import model as model_lib
+from segswap_jax import inference
 
 
 def _warp(values: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -53,21 +54,18 @@ def local_match_score(feat_q: np.ndarray, feat_d: np.ndarray, xy_q: np.ndarray, 
 class ReferenceLoopScorer:
   """Per-pair scoring as the reference does it: unbatched forward per candidate, Python loop over cells."""
 
-  def __init__(self, params: Dict, config):
-    backbone = model_lib.build_backbone(config)
-    transformer = model_lib.build_transformer(config)
-    self._backbone_vars = params['backbone']
-    self._transformer_vars = params['transformer']
-    self._features = jax.jit(lambda v, img, d: backbone_features(backbone, v, img, d), static_argnums=2)
-    self._pair = jax.jit(lambda v, a, b: transformer.apply(v, a, b, train=False))
+  def __init__(self, params: Dict, config, devices=None):
+    # One device, batch 1: the reference's way.
+    self.model = inference.SegSwap(params, config, devices=devices or jax.local_devices()[:1])
 
   def features(self, image: np.ndarray, denormalize: bool = False) -> np.ndarray:
     """One uint8 `(H, W, 3)` image -> `(h, w, C)` float32."""
-    return np.asarray(self._features(self._backbone_vars, jnp.asarray(image)[None], denormalize))[0]
+    normalization = 'denormalized' if denormalize else 'imagenet'
+    return np.asarray(self.model.features(np.asarray(image)[None], normalization, batch_size=1))[0]
 
   def pair(self, feat_a: np.ndarray, feat_b: np.ndarray):
-    out_a, out_b = self._pair(self._transformer_vars, jnp.asarray(feat_a)[None], jnp.asarray(feat_b)[None])
-    return np.asarray(out_a)[0], np.asarray(out_b)[0]
+    out = self.model.pair(jnp.asarray(feat_a)[None], jnp.asarray(feat_b)[None])
+    return np.asarray(out.out_a)[0], np.asarray(out.out_b)[0]
 
   def score(self, feat_q: np.ndarray, candidates: Sequence[np.ndarray], init_mask: Optional[np.ndarray] = None,
             from_images: bool = False, denormalize: bool = False) -> Dict[str, np.ndarray]:
@@ -94,7 +92,7 @@ class ReferenceLoopScorer:
       if from_images:
         feat_d = self.features(candidate, denormalize)
       else:
-        feat_d = np.asarray(model_lib.l2_normalize(jnp.asarray(candidate, jnp.float32)))
+        feat_d = np.asarray(features_lib.l2_normalize(jnp.asarray(candidate, jnp.float32)))
       out_q, out_d = self.pair(feat_q, feat_d)
       weight = mask_q * out_q[..., 2] * _warp(out_d[..., 2], out_q[..., :2])
       scores.append(local_match_score(feat_q, feat_d, out_q[..., :2], weight, cell_ys, cell_xs))

@@ -1,6 +1,6 @@
 """Stage-2 hard-negative mining (configs/hardmining.py): pools of training images, scored by the model.
 
-The reference (SPEC §2, stage 2) re-draws, every epoch, a pool of 500 augmented training images, scores
+The reference (docs/reference.md §2, stage 2) re-draws, every epoch, a pool of 500 augmented training images, scores
 all 124,750 pool pairs with the current model in eval mode (mean mask of A + mean mask of B), zeroes
 scores <= 0.04, and adds 5 pool pairs per iteration, drawn in proportion to the score, as extra
 negatives. Ours does the same in rounds of `hard_mining.round_steps` steps:
@@ -10,8 +10,10 @@ negatives. Ours does the same in rounds of `hard_mining.round_steps` steps:
              A or B (p 1/2), stylised or not (p 1/2), a random resized crop (scale 0.08-1, ratio 3/4-4/3)
              back to the training size, a horizontal flip (p 1/2). Pool images come from distinct stored
              pairs, so no pool pair is a true positive.
-    features the frozen backbone's, once per round (float16 on every device);
-    scores   every pool pair, eval mode, spread over all devices of all processes; <= zero_below -> 0.
+    features the frozen backbone's, once per round, through the inference engine (float16, on the
+             devices for scoring, one host copy for the batches);
+    scores   every pool pair, eval mode, each process its share on its own devices (the engine gathers
+             features by index on the device), gathered; <= zero_below -> 0.
   each step: `num_hard` pairs per device drawn without replacement with probability proportional to
              the score (uniformly when no pair scores above 0), by (seed, step) for the whole global
              batch so any topology draws the same ones; their features go into the batch as
@@ -26,7 +28,7 @@ the workdir (`hard_mining/round_R.npz`), so a resumed run draws exactly the same
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import cv2
 import jax
@@ -35,9 +37,9 @@ import ml_collections
 import numpy as np
 
 from data_pipeline import builder
-from segswap_jax import model as model_lib
+from segswap_jax import errors
+from segswap_jax import inference
 from segswap_jax import multihost
-from segswap_jax import train_step as train_step_lib
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
@@ -102,32 +104,17 @@ class HardNegativeMiner:
     self.settings = config.hard_mining
     self.seed = int(config.seed)
     self.image_size = int(config.data.image_size)
+    self.model_config = model_config
     self.source = builder.data_source(dataset_dir, 'train')
     if self.settings.pool_size < 2 or self.settings.pool_size > len(self.source):
-      raise ValueError(f'hard_mining.pool_size={self.settings.pool_size} must be in [2, '
-                       f'{len(self.source)}] (the training pairs)')
+      raise errors.ConfigError(f'config.hard_mining.pool_size={self.settings.pool_size} must be in [2, '
+                               f'{len(self.source)}] (the training pairs)')
     self.directory = os.path.join(workdir, 'hard_mining')
     self.pairs = pool_pairs(self.settings.pool_size)
     self._round: Optional[int] = None
-    self._pool_features = None   # (P, h, w, C) float16 on host
+    self._pool_features = None   # (P, h, w, C) float16 on the host, for the batches
     self._scores = None          # (num pairs,)
-    devices = jax.local_devices()
-    backbone = model_lib.build_backbone(model_config)
-    transformer = model_lib.build_transformer(model_config)
-
-    def features(frozen, images):
-      return train_step_lib.backbone_features(backbone, frozen['backbone'],
-                                              model_lib.normalize_images(images)).astype(jnp.float16)
-
-    def score(trainable, feat_a, feat_b):
-      out_a, out_b = transformer.apply(trainable['transformer'], feat_a.astype(jnp.float32),
-                                       feat_b.astype(jnp.float32), train=False)
-      return jnp.mean(out_a[..., 2], axis=(1, 2)) + jnp.mean(out_b[..., 2], axis=(1, 2))
-
-    # Over all devices of all processes: every process calls them in step (the same batch counts).
-    self._features = jax.pmap(features)
-    self._score = jax.pmap(score)
-    self._num_devices = len(devices)
+    self._num_devices = jax.local_device_count()
 
   def round_of(self, step: int) -> int:
     return step // self.settings.round_steps
@@ -143,37 +130,17 @@ class HardNegativeMiner:
       images.append(pool_image(self.source[int(index)], rng, self.image_size))
     return np.stack(images)
 
-  def _run_batched(self, function, arrays, batch: int):
-    """Runs a pmapped `function(*arrays)` over the leading axis in (devices, batch) chunks."""
-    total = len(arrays[0])
-    chunk = self._num_devices * batch
-    outputs = []
-    for start in range(0, total, chunk):
-      parts = [a[start:start + chunk] for a in arrays]
-      valid = len(parts[0])
-      if valid < chunk:  # a static shape: pad with copies of the last item
-        parts = [np.concatenate([p, np.repeat(p[-1:], chunk - valid, 0)]) for p in parts]
-      parts = [p.reshape((self._num_devices, batch) + p.shape[1:]) for p in parts]
-      result = train_step_lib.local_shards(function(*parts))
-      outputs.append(result.reshape((chunk,) + result.shape[2:])[:valid])
-    return np.concatenate(outputs)
-
-  def _prepare_round(self, round_index: int, params, frozen) -> None:
+  def _prepare_round(self, round_index: int, params: dict) -> None:
     path = os.path.join(self.directory, f'round_{round_index}.npz')
-    images = self._pool_images(round_index)
-    feats = self._run_batched(lambda x: self._features(frozen, x), [images], 8)
-    self._pool_features = feats
+    model = inference.SegSwap(params, self.model_config)
+    features = model.features(self._pool_images(round_index)).astype(jnp.float16)
+    self._pool_features = np.asarray(features)
     if os.path.isfile(path):
       self._scores = np.load(path)['scores']
     else:
       start, stop = _shard_of(len(self.pairs))
-      share = -(-len(self.pairs) // jax.process_count())
-      # Equal shares (padded with pair 0) so every process runs the same number of batches.
-      mine = np.concatenate([self.pairs[start:stop],
-                             np.zeros((share - (stop - start), 2), self.pairs.dtype)])
-      gather = lambda first, second: self._score(params, feats[first], feats[second])
-      local = self._run_batched(gather, [mine[:, 0], mine[:, 1]], self.settings.batch_size)
-      scores = multihost.concat_over_processes(local[:stop - start].astype(np.float32))
+      local = model.pool_scores(features, self.pairs[start:stop], self.settings.batch_size)
+      scores = multihost.concat_over_processes(local.astype(np.float32))
       scores = np.where(scores > self.settings.zero_below, scores, 0.0).astype(np.float32)
       self._scores = scores
       if jax.process_index() == 0:
@@ -187,12 +154,13 @@ class HardNegativeMiner:
     return {'hard_pairs_above_min_score': int(np.sum(self._scores > self.settings.min_score)),
             'hard_score_max': float(self._scores.max())}
 
-  def negatives(self, step: int, params, frozen) -> Dict[str, np.ndarray]:
+  def negatives(self, step: int, model_params: Callable[[], dict]) -> Dict[str, np.ndarray]:
     """Mined negatives of `step` for this process's devices: hard_feat_a / hard_feat_b
-    `(D, num_hard, h, w, C)` float16. `params`, `frozen`: the replicated trees of the train step."""
+    `(D, num_hard, h, w, C)` float16. `model_params()` gives the current model tree (called only when a
+    new round starts)."""
     round_index = self.round_of(step)
     if round_index != self._round:
-      self._prepare_round(round_index, params, frozen)
+      self._prepare_round(round_index, model_params())
     per_device = self.settings.num_hard
     global_devices = jax.device_count()
     rng = np.random.default_rng([self.seed, step, 3])

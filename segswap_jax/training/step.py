@@ -1,14 +1,15 @@
-"""The train state, the optimiser and the pure train / eval step functions (SPEC §2).
+"""The train state, the optimiser and the pure train step (docs/reference.md §2).
 
 The step is written once for one replica, `(state, batch, frozen) -> (state, metrics)`, with an
 optional `axis_name` over which gradients and metrics are averaged: `jax.pmap(step, axis_name='batch')`
-is how `train.py` runs it; with `axis_name=None` it runs under plain `jax.jit` (one device, tests).
+is how the training loop runs it; with `axis_name=None` it runs under plain `jax.jit` (one device,
+tests). Why training pmaps while inference jits over a device mesh: `segswap_jax/inference.py`.
 
 Per replica a batch holds B positive pairs (docs/INTERFACES.md "Training batches"):
   image_a, image_b float32 `(B, H, W, 3)` ImageNet-normalised; corr_a, corr_b `(B, h, w, 2)`;
   mask_a, mask_b `(B, h, w)`; pad_b bool `(B, h, w)`; optionally scenes int32 `(B, 2)` (scene ids of A
   and of B's background, to leave out in-batch negatives that share one) and mined negatives as
-  features hard_feat_a, hard_feat_b `(M, h, w, C)` (stage 2, `hard_mining.py`).
+  features hard_feat_a, hard_feat_b `(M, h, w, C)` (stage 2, `training/hard_mining.py`).
 Inside the step: backbone features of the 2B images (under stop_gradient unless the backbone is
 trained), the per-batch A/B role swap (one coin for the whole global batch), the in-batch negatives
 (A of pair i with B of pair j, the reference's cyclic shifts, un-swapped, no key padding; with
@@ -26,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from segswap_jax import features as features_lib
 from segswap_jax import losses
 from segswap_jax import model as model_lib
 
@@ -95,11 +97,6 @@ def create_train_state(model_params: dict, config: ml_collections.ConfigDict) ->
   return state, frozen
 
 
-def backbone_features(backbone, backbone_vars, images: jax.Array) -> jax.Array:
-  """Normalised images `(N, H, W, 3)` -> L2-normalised features `(N, h, w, C)`."""
-  return model_lib.l2_normalize(backbone.apply(backbone_vars, images))
-
-
 def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                     axis_name: Optional[str] = 'batch') -> Callable[[TrainState, Batch, dict],
                                                                    Tuple[TrainState, Metrics]]:
@@ -113,7 +110,7 @@ def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collecti
   def loss_fn(trainable, frozen, batch, rng_swap, rng_dropout):
     params = merge_params(trainable, frozen)
     images = jnp.concatenate([batch['image_a'], batch['image_b']])
-    features = backbone_features(backbone, params['backbone'], images)
+    features = features_lib.backbone_features(backbone, params['backbone'], images, normalization='none')
     if not config.train_backbone:
       features = jax.lax.stop_gradient(features)
     feat_a, feat_b = jnp.split(features, 2)
@@ -164,37 +161,6 @@ def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collecti
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
-
-
-def make_eval_step(model_config: ml_collections.ConfigDict) -> Callable:
-  """`(trainable, frozen, image_a, image_b) -> (out_a, out_b)`, eval mode, images `(B, H, W, 3)`
-  normalised, outputs `(B, h, w, 3)`."""
-  backbone = model_lib.build_backbone(model_config)
-  transformer = model_lib.build_transformer(model_config)
-
-  def forward(trainable, frozen, image_a, image_b):
-    params = merge_params(trainable, frozen)
-    features = backbone_features(backbone, params['backbone'], jnp.concatenate([image_a, image_b]))
-    feat_a, feat_b = jnp.split(features, 2)
-    return transformer.apply(params['transformer'], feat_a, feat_b, train=False)
-
-  return forward
-
-
-def random_batch(batch_pos: int, image_size: int, seed: int = 0) -> Dict[str, np.ndarray]:
-  """Random arrays in the per-replica batch format (module doc), for benchmarks and tests: images
-  `(B, S, S, 3)`, correspondences in [0, 1], binary masks (B's is A's mirrored), no padding."""
-  rng = np.random.default_rng(seed)
-  cells = image_size // model_lib.FEATURE_STRIDE
-  mask = (rng.random((batch_pos, cells, cells)) > 0.5).astype(np.float32)
-  return {
-      'image_a': rng.standard_normal((batch_pos, image_size, image_size, 3)).astype(np.float32),
-      'image_b': rng.standard_normal((batch_pos, image_size, image_size, 3)).astype(np.float32),
-      'corr_a': rng.random((batch_pos, cells, cells, 2)).astype(np.float32),
-      'corr_b': rng.random((batch_pos, cells, cells, 2)).astype(np.float32),
-      'mask_a': mask, 'mask_b': mask[:, ::-1].copy(),
-      'pad_b': np.zeros((batch_pos, cells, cells), bool),
-  }
 
 
 def replicate(tree: Any, devices=None) -> Any:

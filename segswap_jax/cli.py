@@ -1,0 +1,269 @@
+"""The one command-line convention of every segswap-jax CLI.
+
+  parser = cli.parser('python -m segswap_jax.predict', __doc__,
+                      example='python -m segswap_jax.predict --checkpoint CKPT --query q.jpg ...')
+  cli.add_checkpoint(parser)
+  cli.add_image_size(parser, default=(480, 640))
+  ...
+  @cli.command
+  def main(argv=None) -> int: ...          # `sys.exit(main())` under `if __name__ == '__main__'`
+
+Shared flags have one spelling everywhere: `--image-size HEIGHT WIDTH` (one number for a square only
+where the tool says so), `--batch-size`, `--data-dir`, `--checkpoint`, `--out`; multi-word flags use
+dashes. A user error (a bad flag value, or any `errors.UserError` raised while running) is one
+`error: ...` line on stderr and exit status 2, never a traceback. The old underscore spellings
+(`--batch_size`, `--image_size W H`, ...) fail with an error naming the new flag.
+
+Training and data generation are configured with ml_collections files through absl flags
+(`--config=configs/demo.py --config.key=value`); `parse_absl_flags` gives their errors the same shape.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+from segswap_jax import errors
+from segswap_jax import images
+from segswap_jax.model import FEATURE_STRIDE
+
+EXIT_USER_ERROR = 2
+
+
+def one_line(text: object) -> str:
+  """Any message as a single line (newlines and repeated spaces folded)."""
+  text = str(text).strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # KeyError's repr quotes
+    text = text[1:-1]
+  return ' '.join(text.replace('\\n', ' ').replace("\\'", "'").split())
+
+
+def print_error(message: object) -> None:
+  print(f'error: {one_line(message)}', file=sys.stderr, flush=True)
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with the convention's errors: one `error:` line, exit 2, old spellings named."""
+
+  def __init__(self, *args, renamed: Optional[Dict[str, str]] = None, **kwargs):
+    kwargs.setdefault('formatter_class', argparse.RawDescriptionHelpFormatter)
+    super().__init__(*args, **kwargs)
+    # Old spelling -> what to say instead (beyond the automatic `--x_y` -> `--x-y`).
+    self.renamed = dict(renamed or {})
+
+  def error(self, message: str):
+    print_error(message)
+    raise SystemExit(EXIT_USER_ERROR)
+
+  def _known_options(self) -> set:
+    return {option for action in self._actions for option in action.option_strings}
+
+  def parse_known_args(self, args=None, namespace=None):
+    args = list(sys.argv[1:] if args is None else args)
+    known = self._known_options()
+    for arg in args:
+      if not arg.startswith('--') or arg == '--':
+        continue
+      name = arg.split('=', 1)[0]
+      if name in known:
+        continue
+      if name in self.renamed:
+        self.error(f'{name} is no longer accepted: use {self.renamed[name]}')
+      dashed = name.replace('_', '-')
+      if dashed != name and dashed in known:
+        self.error(f'{name} is now spelled {dashed}' + (
+            ' (HEIGHT WIDTH: height first)' if dashed == '--image-size' else ''))
+    return super().parse_known_args(args, namespace)
+
+
+def parser(prog: str, doc: Optional[str], example: str, renamed: Optional[Dict[str, str]] = None) -> Parser:
+  """A parser whose help is the module docstring's first paragraph and ends with `example`."""
+  description = (doc or '').strip().split('\n\n')[0]
+  return Parser(prog=prog, description=description, epilog=f'example:\n  {example}', renamed=renamed)
+
+
+# -- value types (each error names the value; argparse adds the flag) ------------------------------------
+
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {value}')
+  return value
+
+
+def nonnegative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}') from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {value}')
+  return value
+
+
+def positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}') from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f'expected a positive number, got {text}')
+  return value
+
+
+def open_unit_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a number in (0, 1), got {text!r}') from None
+  if not 0.0 < value < 1.0:
+    raise argparse.ArgumentTypeError(f'expected a number in (0, 1), got {text}')
+  return value
+
+
+class _ImageSizeAction(argparse.Action):
+  """`--image-size HEIGHT WIDTH` (or `SIDE` where squares are allowed) -> (height, width)."""
+
+  def __init__(self, *args, square: bool = False, **kwargs):
+    self.square = square
+    super().__init__(*args, **kwargs)
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    allowed = '1 or 2 numbers (SIDE, or HEIGHT WIDTH)' if self.square else '2 numbers (HEIGHT WIDTH)'
+    if len(values) not in ((1, 2) if self.square else (2,)):
+      parser.error(f'{option_string}: expected {allowed}, got {" ".join(values)}')
+    try:
+      numbers = [int(v) for v in values]
+    except ValueError:
+      parser.error(f'{option_string}: expected integers, got {" ".join(values)}')
+    height, width = numbers if len(numbers) == 2 else numbers * 2
+    try:
+      images.check_image_size(height, width, option_string)
+    except errors.ConfigError as e:
+      parser.error(str(e))
+    setattr(namespace, self.dest, (height, width))
+
+
+# -- shared flags ------------------------------------------------------------------------------------------
+
+def add_checkpoint(parser: Parser, required: bool = True, help: str = 'model checkpoint directory') -> None:
+  parser.add_argument('--checkpoint', required=required, help=help)
+
+
+def add_data_dir(parser: Parser, help: str, required: bool = True) -> None:
+  parser.add_argument('--data-dir', required=required, help=help)
+
+
+def add_out(parser: Parser, help: str, default: Optional[str] = None, required: bool = False) -> None:
+  parser.add_argument('--out', default=default, required=required, help=help)
+
+
+def add_batch_size(parser: Parser, default: int, help: str) -> None:
+  parser.add_argument('--batch-size', type=positive_int, default=default, help=f'{help} (default {default})')
+
+
+def add_image_size(parser: Parser, default: Sequence[int], help: str, square: bool = False) -> None:
+  """`--image-size HEIGHT WIDTH`; with `square=True` a single SIDE means SIDE x SIDE."""
+  shape = 'HEIGHT WIDTH, or SIDE for a square' if square else 'HEIGHT WIDTH'
+  parser.add_argument('--image-size', nargs='+', action=_ImageSizeAction, square=square,
+                      default=tuple(default), metavar='N',
+                      help=f'{help}: {shape}, multiples of {FEATURE_STRIDE} (default {" ".join(map(str, default))})')
+
+
+def add_multihost(parser: Parser) -> None:
+  """The multi-process flags of the evaluation CLIs (the same command on every host)."""
+  parser.add_argument('--coordinator-address', default=None, help='multi-host: HOST:PORT of process 0')
+  parser.add_argument('--num-processes', type=positive_int, default=1, help='multi-host: number of processes')
+  parser.add_argument('--process-id', type=nonnegative_int, default=0, help='multi-host: this process')
+
+
+# -- running -------------------------------------------------------------------------------------------------
+
+def command(function: Callable[[Optional[List[str]]], Optional[int]]) -> Callable[[Optional[List[str]]], int]:
+  """Wraps a CLI's `main(argv) -> int`: a UserError becomes `error: ...` and 2; argparse's exits
+  (`--help`, a bad flag) become return values, so tests can call `main([...])` directly."""
+
+  @functools.wraps(function)
+  def wrapper(argv: Optional[List[str]] = None) -> int:
+    try:
+      return int(function(argv) or 0)
+    except errors.UserError as e:
+      print_error(e)
+      return EXIT_USER_ERROR
+    except SystemExit as e:
+      return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER_ERROR)
+
+  return wrapper
+
+
+# -- absl + ml_collections (train, data generation) ------------------------------------------------------------
+
+def resolve_config_path(path: str) -> str:
+  """A config file path as given, else relative to the folder holding the `segswap_jax` package (the
+  checkout, or site-packages after `pip install .`, where `configs/` is installed beside it)."""
+  if os.path.isfile(path) or os.path.isabs(path):
+    return path
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  candidate = os.path.join(root, path)
+  return candidate if os.path.isfile(candidate) else path
+
+
+def _resolve_config_flag(arg: str) -> str:
+  """`--config=configs/x.py[:variant]` with the file resolved by `resolve_config_path`."""
+  if not arg.startswith('--config='):
+    return arg
+  value = arg[len('--config='):]
+  path, sep, variant = value.partition(':')
+  return f'--config={resolve_config_path(path)}{sep}{variant}'
+
+
+def parse_absl_flags(argv: List[str]) -> List[str]:
+  """absl's parse with every flag or configuration error reduced to one `error:` line, exit 2.
+
+  `app.run(main, flags_parser=cli.parse_absl_flags)`. An unknown `--config.key` or a missing config file
+  would otherwise escape as a traceback from inside ml_collections.
+  """
+  from absl import flags
+  argv = [argv[0]] + [_resolve_config_flag(a) for a in argv[1:]]
+  known = set(flags.FLAGS)
+  for arg in argv[1:]:
+    if arg.startswith('--') and not arg.startswith('--config'):
+      name = arg[2:].split('=', 1)[0]
+      dashed = name.replace('_', '-')
+      if name not in known and dashed != name and dashed in known:
+        print_error(f'--{name} is now spelled --{dashed}')
+        sys.exit(EXIT_USER_ERROR)
+  try:
+    remaining = flags.FLAGS(argv)
+    for name in flags.FLAGS:  # a config file that failed to load only raises when used
+      value = flags.FLAGS[name].value
+      if type(value).__name__ == '_ErrorConfig':
+        getattr(value, 'anything')
+    return remaining
+  except flags.Error as e:
+    print_error(e)
+  except (AttributeError, KeyError) as e:   # ml_collections: an unknown key
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    print_error(f'unknown config key in {" ".join(overrides) or "the command line"}: {one_line(e)}')
+  except (OSError, ValueError, TypeError) as e:  # the config file itself
+    print_error(f'cannot load the config file: {one_line(e.__cause__ or e)}')
+  sys.exit(EXIT_USER_ERROR)
+
+
+def absl_main(function: Callable[[List[str]], None]) -> Callable[[List[str]], None]:
+  """Wraps an absl `main(argv)`: a UserError becomes `error: ...` and exit status 2."""
+
+  @functools.wraps(function)
+  def wrapper(argv: List[str]) -> None:
+    try:
+      function(argv)
+    except errors.UserError as e:
+      print_error(e)
+      sys.exit(EXIT_USER_ERROR)
+
+  return wrapper

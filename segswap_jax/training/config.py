@@ -1,0 +1,84 @@
+"""From a training config (configs/*.py) to what the loop needs: the model config, checks, step settings.
+
+Config files are Python files with `get_config()`; a path that does not exist as given is looked up
+in the installed `configs` package too, so `--config=configs/demo.py` works from any directory.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+from segswap_jax import cli
+from segswap_jax import errors
+from segswap_jax import losses
+from segswap_jax import model as model_lib
+
+
+def build_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The model config (`model.model_config`) described by a training config's `model` block."""
+  spec = config.model
+  try:
+    model_config = model_lib.model_config(spec.size, spec.block_types or None)
+  except errors.ConfigError as e:
+    raise errors.ConfigError(f'config.model: {e}') from e
+  for key in ('dropout', 'drop_feat', 'pos_weight', 'feat_weight', 'backbone'):
+    model_config[key] = spec[key]
+  model_config.backbone_widths = tuple(int(w) for w in spec.backbone_widths)
+  if spec.backbone == 'small_convnet':
+    model_config.feature_dim = model_config.backbone_widths[-1]
+  elif spec.backbone != 'resnet50_conv4':
+    raise errors.ConfigError(f'config.model.backbone: unknown backbone {spec.backbone!r} '
+                             f'(expected one of {model_lib.BACKBONES})')
+  return model_config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses settings the loop cannot run with, naming the key."""
+  if config.batch_pos < 1:
+    raise errors.ConfigError(f'config.batch_pos must be >= 1, got {config.batch_pos}')
+  if config.batch_neg > config.batch_pos * (config.batch_pos - 1) or config.batch_neg < 0:
+    raise errors.ConfigError(f'config.batch_neg={config.batch_neg}: {config.batch_pos} positives give 0 to '
+                             f'{config.batch_pos * (config.batch_pos - 1)} in-batch negatives')
+  if config.num_train_steps < 1:
+    raise errors.ConfigError(f'config.num_train_steps must be >= 1, got {config.num_train_steps}')
+  if config.corr_cells not in losses.CORR_CELLS:
+    raise errors.ConfigError(f'config.corr_cells must be one of {losses.CORR_CELLS}, got {config.corr_cells!r}')
+  if config.hard_mining.enabled and config.train_backbone:
+    raise errors.ConfigError('hard mining keeps mined features across a round: it needs a frozen backbone '
+                             '(config.train_backbone=False)')
+  if config.data.image_size % model_lib.FEATURE_STRIDE:
+    raise errors.ConfigError(f'config.data.image_size={config.data.image_size} is not a multiple of '
+                             f'{model_lib.FEATURE_STRIDE}')
+
+
+def training_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The flat settings the train step reads, with the decay epochs turned into steps."""
+  settings = ml_collections.ConfigDict({
+      key: config[key] for key in ('seed', 'batch_pos', 'batch_neg', 'warp_mask', 'eta_corr', 'corr_cells',
+                                   'drop_shared_scene_negatives',
+                                   'swap_prob', 'train_backbone', 'learning_rate', 'weight_decay',
+                                   'grad_clip_norm', 'warmup_steps')})
+  settings.lr_decay_steps = tuple(config.warmup_steps + int(e) * config.steps_per_epoch
+                                  for e in config.lr_decay_epochs)
+  settings.lr_decay_factor = config.lr_decay_factor
+  return settings
+
+
+def load_config_file(path: str, what: str = 'config.data.generate_config') -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (the data configs a training config names)."""
+  resolved = cli.resolve_config_path(path)
+  if not os.path.isfile(resolved):
+    raise errors.ConfigError(f'{what}: no such file {path}')
+  spec = importlib.util.spec_from_file_location('segswap_config_file', resolved)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def config_differences(found: dict, expected: dict, ignore=()) -> list:
+  """The keys whose values differ between two config dicts (tuples and lists compare equal)."""
+  normalise = lambda v: list(v) if isinstance(v, tuple) else v
+  keys = (set(found) | set(expected)) - set(ignore)
+  return sorted(k for k in keys if normalise(found.get(k)) != normalise(expected.get(k)))
