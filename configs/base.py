@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # -- data: a `segswap_pairs` dataset (python -m data_pipeline.generate) --------------------------------
   config.data = ml_collections.ConfigDict()
-  config.data.data_dir = ''             # the --data_dir given to data_pipeline.generate, or the dataset dir
+  config.data.data_dir = ''             # the --data-dir given to data_pipeline.generate, or the dataset dir
   config.data.source = ''               # which dataset under data_dir (bundled|folder|coco|reference); '' = the only one
   config.data.generate_config = ''      # a configs/data/*.py file: generate the pairs first if missing
   config.data.image_size = 480          # side of the stored pairs (checked against the dataset)

@@ -1,6 +1,6 @@
 """Stage 1 on COCO segment-swapping pairs: the reference recipe (docs/reference.md §2).
 
-  python -m data_pipeline.generate --config=configs/data/coco.py --data_dir DATA \\
+  python -m data_pipeline.generate --config=configs/data/coco.py --data-dir DATA \\
       --config.source_dir=/datasets/coco --config.style.style_dir=/datasets/Brueghel/Image
   python -m segswap_jax.convert --torch-checkpoint moco_v2_800ep_pretrain_torchvision.pth.tar --out ckpt/moco
   python -m segswap_jax.train --config=configs/coco.py --workdir workdirs/coco \\

@@ -1,6 +1,6 @@
 """Stage 1 on pairs of unsupervised segments of an image folder (the paper's "unsupervised" variant).
 
-  python -m data_pipeline.generate --config=configs/data/unsup.py --data_dir DATA \\
+  python -m data_pipeline.generate --config=configs/data/unsup.py --data-dir DATA \\
       --config.source_dir=/datasets/images
   python -m segswap_jax.train --config=configs/unsup.py --workdir workdirs/unsup \\
       --config.data.data_dir=DATA --config.backbone_checkpoint=ckpt/moco

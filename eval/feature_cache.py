@@ -79,7 +79,7 @@ class FeatureCache:
     index_path = os.path.join(self.directory, INDEX_FILE)
     if not os.path.exists(index_path):
       raise DataError(f'feature cache index {index_path} not found; with several processes the cache folder '
-                      '(--cache_dir) must be on a filesystem that all of them share')
+                      '(--cache-dir) must be on a filesystem that all of them share')
     try:
       with open(index_path) as f:
         index = json.load(f)
@@ -90,7 +90,7 @@ class FeatureCache:
       changed = sorted(k for k in set(stored_meta) | set(self.meta) if stored_meta.get(k) != self.meta.get(k))
       raise DataError(f'stale feature cache {self.directory}: it was built with a different '
                       f'{", ".join(changed)} ({ {k: stored_meta.get(k) for k in changed} }); '
-                      'delete it or choose another --cache_dir')
+                      'delete it or choose another --cache-dir')
     self.shard_size = int(shard_size)
     self.names = list(names)
     self.row_of = {n: i for i, n in enumerate(self.names)}

@@ -32,7 +32,7 @@ IMAGE_SIZE = (480, 640)  # the reference's (height, width): 30 x 40 cells
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Where a benchmark's files are, relative to --data_dir, and how it is scored."""
+  """Where a benchmark's files are, relative to --data-dir, and how it is scored."""
   name: str
   npy_files: Dict[str, str]  # item -> file name (place_formats.ITEMS)
   mat_file: str

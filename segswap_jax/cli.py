@@ -86,44 +86,26 @@ def parser(prog: str, doc: Optional[str], example: str, renamed: Optional[Dict[s
 
 # -- value types (each error names the value; argparse adds the flag) ------------------------------------
 
-def positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'expected a positive integer, got {value}')
-  return value
+def _number_type(convert: Callable[[str], float], accept: Callable[[float], bool], expected: str):
+  """An argparse `type` that parses with `convert` and refuses values `accept` rejects."""
+
+  def parse(text: str):
+    try:
+      value = convert(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}') from None
+    if not accept(value):
+      raise argparse.ArgumentTypeError(f'expected {expected}, got {text}')
+    return value
+
+  parse.__name__ = expected  # argparse names the type in some messages
+  return parse
 
 
-def nonnegative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}') from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {value}')
-  return value
-
-
-def positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}') from None
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f'expected a positive number, got {text}')
-  return value
-
-
-def open_unit_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected a number in (0, 1), got {text!r}') from None
-  if not 0.0 < value < 1.0:
-    raise argparse.ArgumentTypeError(f'expected a number in (0, 1), got {text}')
-  return value
+positive_int = _number_type(int, lambda v: v >= 1, 'a positive integer')
+nonnegative_int = _number_type(int, lambda v: v >= 0, 'an integer >= 0')
+positive_float = _number_type(float, lambda v: v > 0, 'a positive number')
+open_unit_float = _number_type(float, lambda v: 0.0 < v < 1.0, 'a number in (0, 1)')
 
 
 class _ImageSizeAction(argparse.Action):
@@ -229,7 +211,13 @@ def parse_absl_flags(argv: List[str]) -> List[str]:
   would otherwise escape as a traceback from inside ml_collections.
   """
   from absl import flags
-  argv = [argv[0]] + [_resolve_config_flag(a) for a in argv[1:]]
+  resolved = [argv[0]]
+  for arg in argv[1:]:
+    if len(resolved) > 1 and resolved[-1] == '--config':  # the `--config PATH` form
+      path, sep, variant = arg.partition(':')
+      arg = f'{resolve_config_path(path)}{sep}{variant}'
+    resolved.append(_resolve_config_flag(arg))
+  argv = resolved
   known = set(flags.FLAGS)
   for arg in argv[1:]:
     if arg.startswith('--') and not arg.startswith('--config'):
@@ -239,7 +227,12 @@ def parse_absl_flags(argv: List[str]) -> List[str]:
         print_error(f'--{name} is now spelled --{dashed}')
         sys.exit(EXIT_USER_ERROR)
   try:
-    remaining = flags.FLAGS(argv)
+    try:
+      remaining = flags.FLAGS(argv)
+    except SystemExit as e:  # absl's --help exits with status 1; help is not an error here
+      if any(a in ('--help', '-h', '-?', '--helpshort', '--helpfull') for a in argv[1:]):
+        sys.exit(0)
+      raise
     for name in flags.FLAGS:  # a config file that failed to load only raises when used
       value = flags.FLAGS[name].value
       if type(value).__name__ == '_ErrorConfig':

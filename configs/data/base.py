@@ -1,6 +1,6 @@
 """Pair generation: the reference setting (docs/reference.md §3), shared by the other data configs.
 
-  python -m data_pipeline.generate --config=configs/data/coco.py --data_dir DATA \\
+  python -m data_pipeline.generate --config=configs/data/coco.py --data-dir DATA \\
       --config.source_dir=/datasets/coco
 """
 import ml_collections

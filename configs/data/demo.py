@@ -1,6 +1,6 @@
 """Demo pairs from the photographs bundled with scikit-image: no download, a few minutes on 2 cores.
 
-  python -m data_pipeline.generate --config=configs/data/demo.py --data_dir /tmp/segswap_data
+  python -m data_pipeline.generate --config=configs/data/demo.py --data-dir /tmp/segswap_data
 
 256 x 256 pairs (16 x 16 cells), 1000 train + 100 validation, classical stylisation. At this size
 the reference's 9-cell minimum (1% of a 30 x 30 map) would reject most small objects, so pairs need

@@ -1,6 +1,6 @@
 """The pairs the training demo learns from on a 2-core CPU: the bundled photographs at 128 x 128.
 
-  python -m data_pipeline.generate --config=configs/data/demo_train.py --data_dir /tmp/segswap_demo
+  python -m data_pipeline.generate --config=configs/data/demo_train.py --data-dir /tmp/segswap_demo
 
 `python -m segswap_jax.train --config=configs/demo.py` makes them itself (about 40 s on 2 cores).
 Smaller and easier than configs/data/demo.py, so that a model trained from scratch learns something
