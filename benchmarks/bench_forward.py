@@ -23,7 +23,7 @@ def forward_flops(model: inference.SegSwap, images_a, images_b) -> float:
   batch = images_a.shape[0]
   fn = model.functions
   return (timing.compiled_flops(fn.features, model.variables['backbone'], both, 'imagenet')
-          + timing.compiled_flops(fn.pair, model.variables['transformer'], feats[:batch], feats[batch:], None, None))
+          + timing.compiled_flops(fn.pair, model.variables['matcher'], feats[:batch], feats[batch:], None, None))
 
 
 def main(quick: bool = False) -> str:

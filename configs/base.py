@@ -34,6 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.feat_weight = 1.0
   config.model.backbone = 'resnet50_conv4'   # or small_convnet (trained from scratch: the demo)
   config.model.backbone_widths = (32, 64, 128, 256)  # small_convnet only
+  config.model.arch = 'transformer'          # or 'ncnet' (4-D neighbourhood consensus, configs/ncnet_coco.py)
+  config.model.ncnet_kernel_sizes = (3, 3, 3)
+  config.model.ncnet_channels = (16, 16, 1)
+  config.model.ncnet_relocalization = 0      # 2: consensus on the correlation max-pooled by 2
+  config.model.ncnet_conv = '4d'             # Conv4d as one 4-D convolution, or '3d' (a sum of 3-D ones)
 
   # -- initialisation ---------------------------------------------------------------------------------------
   config.backbone_checkpoint = ''       # converted MoCo-v2 (python -m segswap_jax.convert); '' = random

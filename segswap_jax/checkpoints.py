@@ -60,7 +60,8 @@ def load_config(directory: str) -> Tuple[ml_collections.ConfigDict, dict]:
   try:
     with open(path) as f:
       stored = json.load(f)
-    config = model_lib.model_config(stored['model']['size'], stored['model']['block_types'])
+    config = model_lib.model_config(stored['model']['size'], stored['model']['block_types'],
+                                    stored['model'].get('arch', 'transformer'))
     config.update(stored['model'])
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise errors.CheckpointError(f'{path}: unreadable model config ({e})') from e

@@ -98,27 +98,27 @@ def _compiled(config_json: str, devices: Tuple[jax.Device, ...]) -> _Functions:
   replicated = NamedSharding(mesh, PartitionSpec())
   sharded = NamedSharding(mesh, PartitionSpec('batch'))
   backbone = model_lib.build_backbone(config)
-  transformer = model_lib.build_transformer(config)
+  matcher = model_lib.build_matcher(config)
 
-  def apply(transformer_vars, feat_a, feat_b, pad_a=None, pad_b=None):
-    return transformer.apply(transformer_vars, feat_a, feat_b, pad_a, pad_b, train=False)
+  def apply(matcher_vars, feat_a, feat_b, pad_a=None, pad_b=None):
+    return matcher.apply(matcher_vars, feat_a, feat_b, pad_a, pad_b, train=False)
 
   def features(backbone_vars, images, normalization):
     return features_lib.backbone_features(backbone, backbone_vars, images, normalization)
 
-  def pair(transformer_vars, feat_a, feat_b, pad_a, pad_b):
-    return PairOutputs(*apply(transformer_vars, feat_a, feat_b, pad_a, pad_b))
+  def pair(matcher_vars, feat_a, feat_b, pad_a, pad_b):
+    return PairOutputs(*apply(matcher_vars, feat_a, feat_b, pad_a, pad_b))
 
-  def query_mask(transformer_vars, feat_q, init_mask):
-    out_a, out_b = apply(transformer_vars, feat_q[None], feat_q[None])
+  def query_mask(matcher_vars, feat_q, init_mask):
+    out_a, out_b = apply(matcher_vars, feat_q[None], feat_q[None])
     return scoring.consistent_mask(init_mask[None], out_a, out_b)[0]
 
-  def score(transformer_vars, feat_q, mask_q, cell_mask, feat_d, valid, with_outputs):
+  def score(matcher_vars, feat_q, mask_q, cell_mask, feat_d, valid, with_outputs):
     # Cached features may be float16: back to float32 and unit norm, as the model expects.
     feat_d = features_lib.l2_normalize(feat_d.astype(jnp.float32))
     batch = feat_d.shape[0]
     feat_qb = jnp.broadcast_to(feat_q, (batch,) + feat_q.shape)
-    out_q, out_d = apply(transformer_vars, feat_qb, feat_d)
+    out_q, out_d = apply(matcher_vars, feat_qb, feat_d)
     weight = scoring.transported_mask(jnp.broadcast_to(mask_q, (batch,) + mask_q.shape), out_q, out_d)
     result = {'score': jnp.where(valid, scoring.pair_score(feat_qb, feat_d, out_q, weight, cell_mask), -jnp.inf),
               'stats': scoring.correspondence_stats(out_q, weight, cell_mask)}
@@ -126,11 +126,11 @@ def _compiled(config_json: str, devices: Tuple[jax.Device, ...]) -> _Functions:
       result.update(out_query=out_q, out_candidates=out_d, transported_masks=weight)
     return result
 
-  def indexed_pairs(transformer_vars, features_all, mirrored, index_i, index_j, min_mask, flip):
+  def indexed_pairs(matcher_vars, features_all, mirrored, index_i, index_j, min_mask, flip):
     feat_i, feat_j = features_all[index_i], features_all[index_j]
-    out_a, out_b = apply(transformer_vars, feat_i, feat_j)
+    out_a, out_b = apply(matcher_vars, feat_i, feat_j)
     if flip != 'none':
-      mirror_a, mirror_b = apply(transformer_vars, feat_i, mirrored[index_j])
+      mirror_a, mirror_b = apply(matcher_vars, feat_i, mirrored[index_j])
       out_a, out_b = scoring.choose_flip((out_a, out_b), (mirror_a, mirror_b), flip)
     weight_a = scoring.cycle_weight(out_a, out_b)
     weight_b = scoring.cycle_weight(out_b, out_a)
@@ -139,8 +139,8 @@ def _compiled(config_json: str, devices: Tuple[jax.Device, ...]) -> _Functions:
                         scoring.pair_score(feat_j, feat_i, out_b, weight_b)], axis=-1)
     return out_a, out_b, jnp.where(valid[:, None], scores, 0.0)
 
-  def pool_scores(transformer_vars, features_all, index_i, index_j):
-    out_a, out_b = apply(transformer_vars, features_all[index_i].astype(jnp.float32),
+  def pool_scores(matcher_vars, features_all, index_i, index_j):
+    out_a, out_b = apply(matcher_vars, features_all[index_i].astype(jnp.float32),
                          features_all[index_j].astype(jnp.float32))
     return jnp.mean(out_a[..., 2], axis=(1, 2)) + jnp.mean(out_b[..., 2], axis=(1, 2))
 
@@ -162,7 +162,7 @@ class SegSwap:
   """A loaded model and its compiled inference functions, sharded over `devices`.
 
   Args:
-    params: `{'backbone': vars, 'transformer': vars}` (host or device arrays).
+    params: `{'backbone': vars, MATCHER: vars}` (host or device arrays; MATCHER = `model.matcher_key(config)`).
     config: the model config.
     checkpoint_dir: where it was loaded from (for messages).
     devices: devices to shard batches over (default: this process's local devices).
@@ -174,10 +174,11 @@ class SegSwap:
     self.checkpoint_dir = checkpoint_dir
     self.devices = list(devices or jax.local_devices())
     # The compiled functions (shared by every engine of this config and device set) and the parameters
-    # replicated on the devices; benchmarks read both for XLA's cost analysis.
+    # replicated on the devices ('backbone', 'matcher'); benchmarks read both for XLA's cost analysis.
     self.functions = _compiled(json.dumps(config.to_dict(), sort_keys=True), tuple(self.devices))
     self.params = params
-    self.variables = jax.device_put({'backbone': params['backbone'], 'transformer': params['transformer']},
+    self.matcher_key = model_lib.matcher_key(config)
+    self.variables = jax.device_put({'backbone': params['backbone'], 'matcher': params[self.matcher_key]},
                                     self.functions.replicated)
 
   @classmethod
@@ -238,14 +239,14 @@ class SegSwap:
     count = feat_a.shape[0]
     size = self.batch_size(count)
     put = lambda x: None if x is None else self._sharded(_pad_rows(x, size))
-    out = self.functions.pair(self.variables['transformer'], put(feat_a), put(feat_b), put(pad_a), put(pad_b))
+    out = self.functions.pair(self.variables['matcher'], put(feat_a), put(feat_b), put(pad_a), put(pad_b))
     return PairOutputs(out.out_a[:count], out.out_b[:count]) if size != count else out
 
   def query_mask(self, feat_q, init_mask: Optional[np.ndarray] = None) -> np.ndarray:
     """Self-pair query mask `(h, w)` of query features `(h, w, C)` (init: all ones or a box mask)."""
     if init_mask is None:
       init_mask = np.ones(feat_q.shape[:2], np.float32)
-    return np.asarray(self.functions.query_mask(self.variables['transformer'], jnp.asarray(feat_q, jnp.float32),
+    return np.asarray(self.functions.query_mask(self.variables['matcher'], jnp.asarray(feat_q, jnp.float32),
                                           jnp.asarray(init_mask, jnp.float32)))
 
   # -- retrieval scoring -------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ class SegSwap:
     h, w = feat_q.shape[:2]
     feat_q = jnp.asarray(feat_q, jnp.float32)
     init = np.ones((h, w), np.float32) if init_mask is None else np.asarray(init_mask, np.float32)
-    mask_q = self.functions.query_mask(self.variables['transformer'], feat_q, jnp.asarray(init))
+    mask_q = self.functions.query_mask(self.variables['matcher'], feat_q, jnp.asarray(init))
     cell_mask = jnp.asarray(init > 0)
     size = self.batch_size(batch_size)
     keys = ('score', 'stats') + (('out_query', 'out_candidates', 'transported_masks') if outputs else ())
@@ -286,7 +287,7 @@ class SegSwap:
           pending = reader.submit(read_batch, np.arange(nxt, min(nxt + size, num_candidates)))
         valid = np.zeros(size, bool)
         valid[:feats.shape[0]] = True
-        out = self.functions.score(self.variables['transformer'], feat_q, mask_q, cell_mask,
+        out = self.functions.score(self.variables['matcher'], feat_q, mask_q, cell_mask,
                              self._sharded(_pad_rows(feats, size)), self._sharded(valid), outputs)
         for k in keys:
           results[k].append(out[k])
@@ -345,7 +346,7 @@ class SegSwap:
       valid = len(batch)
       batch = _pad_rows(batch, size)
       out_a, out_b, score = self.functions.indexed_pairs(
-          self.variables['transformer'], features_all, mirrored, self._sharded(batch[:, 0]),
+          self.variables['matcher'], features_all, mirrored, self._sharded(batch[:, 0]),
           self._sharded(batch[:, 1]), min_mask, flip)
       outs_a.append(np.asarray(out_a)[:valid])
       outs_b.append(np.asarray(out_b)[:valid])
@@ -369,6 +370,6 @@ class SegSwap:
       batch = pairs[start:start + size]
       valid = len(batch)
       batch = _pad_rows(batch, size)
-      out.append(np.asarray(self.functions.pool_scores(self.variables['transformer'], features_all,
+      out.append(np.asarray(self.functions.pool_scores(self.variables['matcher'], features_all,
                                                  self._sharded(batch[:, 0]), self._sharded(batch[:, 1])))[:valid])
     return np.concatenate(out) if out else np.zeros(0, np.float32)

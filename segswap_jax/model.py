@@ -1,4 +1,8 @@
-"""SegSwap model: frozen ResNet-50 conv4 backbone + cross-image transformer (docs/reference.md §1), NHWC.
+"""SegSwap model: frozen ResNet conv4 backbone + a matcher over the two images' features, NHWC.
+
+The matcher is the cross-image transformer of the paper's released model (docs/reference.md §1) or
+NC-Net's 4-D neighbourhood consensus (`segswap_jax.ncnet`, docs/reference.md §9), chosen by the model
+config's `arch`; both give the same outputs, so losses, scoring and discovery take either.
 
 Why Flax linen (not nnx): training is `jax.pmap`-based with pure `(state, batch) -> state` steps, the
 parameters must round-trip through Orbax and map one-to-one onto the reference state dict, and the
@@ -6,8 +10,10 @@ frozen backbone is a separate constant tree. Linen keeps parameters as plain nes
 modules, which is exactly what those three need (as in big_vision / scenic); nnx's stateful objects
 would have to be split back into such trees at every one of those boundaries.
 
-Shapes: images `(B, H, W, 3)`, features `(B, h, w, 1024)` with h, w = H/16, W/16, transformer outputs
+Shapes: images `(B, H, W, 3)`, features `(B, h, w, 1024)` with h, w = H/16, W/16, matcher outputs
 `(B, h, w, 3)` = (x, y, mask), x and y in [0, 1] of the *other* image. Images A and B may differ in size.
+Parameters: `{'backbone': {'params', 'batch_stats'}, ARCH: {'params'}}` with ARCH = 'transformer' or
+'ncnet' (`matcher_key`).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from segswap_jax import errors
+from segswap_jax import ncnet
 
 FEATURE_STRIDE = 16
 FEATURE_DIM = 1024
@@ -46,8 +53,15 @@ def parse_block_types(block_types: str) -> Tuple[Tuple[str, str], ...]:
   return tuple((letters[i], letters[i + 1]) for i in range(0, len(letters), 2))
 
 
-def model_config(size: str = 'small', block_types: Optional[str] = None) -> ml_collections.ConfigDict:
-  """The model's configuration; derived sizes are filled in from `size` (the reference's four)."""
+ARCHS = ('transformer', 'ncnet')
+
+
+def model_config(size: str = 'small', block_types: Optional[str] = None,
+                 arch: str = 'transformer') -> ml_collections.ConfigDict:
+  """The model's configuration; derived transformer sizes are filled in from `size` (the reference's
+  four). `arch='ncnet'` uses the `ncnet_*` keys instead of the transformer's (which stay, unused)."""
+  if arch not in ARCHS:
+    raise errors.ConfigError(f'unknown arch {arch!r}; expected one of {ARCHS}')
   if size not in TRANSFORMER_SIZES:
     raise errors.ConfigError(f'unknown transformer size {size!r}; expected one of {sorted(TRANSFORMER_SIZES)}')
   d_model, num_heads, num_blocks, dim_feedforward = TRANSFORMER_SIZES[size]
@@ -69,7 +83,21 @@ def model_config(size: str = 'small', block_types: Optional[str] = None) -> ml_c
       'backbone': 'resnet50_conv4',
       'backbone_widths': SMALL_CONVNET_WIDTHS,
       'feature_dim': FEATURE_DIM,
+      'arch': arch,
+      # NC-Net (arch='ncnet'): NeighConsensus layers, relocalisation (0 or 2), Conv4d form ('4d' | '3d').
+      'ncnet_kernel_sizes': (3, 3, 3),
+      'ncnet_channels': (16, 16, 1),
+      'ncnet_relocalization': 0,
+      'ncnet_conv': '4d',
   })
+
+
+def matcher_key(config: ml_collections.ConfigDict) -> str:
+  """The key of the matcher's parameters in the model tree: 'transformer' or 'ncnet'."""
+  arch = config.get('arch', 'transformer')
+  if arch not in ARCHS:
+    raise errors.ConfigError(f'unknown arch {arch!r}; expected one of {ARCHS}')
+  return arch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,18 +131,23 @@ class Bottleneck(nn.Module):
     return nn.relu(out + identity)
 
 
-# (name, planes, blocks, stride) of the stages kept from ResNet-50.
+# (name, planes, blocks, stride) of the stages kept from ResNet-50 and ResNet-101 (they differ in layer3).
 RESNET50_CONV4_STAGES = (('layer1', 64, 3, 1), ('layer2', 128, 4, 2), ('layer3', 256, 6, 2))
+RESNET101_CONV4_STAGES = (('layer1', 64, 3, 1), ('layer2', 128, 4, 2), ('layer3', 256, 23, 2))
 
 
-class ResNet50Conv4(nn.Module):
-  """ResNet-50 truncated after layer3: `(B, H, W, 3)` normalised -> `(B, H/16, W/16, 1024)` raw."""
+class ResNetConv4(nn.Module):
+  """A torchvision ResNet truncated after layer3: `(B, H, W, 3)` normalised -> `(B, H/16, W/16, 1024)` raw.
+
+  ResNet-50 for SegSwap, ResNet-101 for the original NC-Net checkpoints.
+  """
+  stages: Tuple[Tuple[str, int, int, int], ...] = RESNET50_CONV4_STAGES
 
   @nn.compact
   def __call__(self, x):
     x = nn.relu(_batch_norm('bn1')(_conv(64, 7, 2, 'conv1')(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
-    for stage, planes, blocks, stride in RESNET50_CONV4_STAGES:
+    for stage, planes, blocks, stride in self.stages:
       for i in range(blocks):
         x = Bottleneck(planes, stride if i == 0 else 1, downsample=(i == 0), name=f'{stage}_{i}')(x)
     return x
@@ -139,12 +172,14 @@ class SmallConvNet(nn.Module):
     return x
 
 
-BACKBONES = ('resnet50_conv4', 'small_convnet')
+BACKBONES = ('resnet50_conv4', 'resnet101_conv4', 'small_convnet')
 
 
 def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   if config.backbone == 'resnet50_conv4':
-    return ResNet50Conv4()
+    return ResNetConv4(RESNET50_CONV4_STAGES)
+  if config.backbone == 'resnet101_conv4':
+    return ResNetConv4(RESNET101_CONV4_STAGES)
   if config.backbone == 'small_convnet':
     if config.feature_dim != config.backbone_widths[-1]:
       raise errors.ConfigError(f'small_convnet gives {config.backbone_widths[-1]} channels, feature_dim is '
@@ -287,7 +322,12 @@ class CrossTransformer(nn.Module):
     return out_a.reshape(batch, h_a, w_a, 3), out_b.reshape(batch, h_b, w_b, 3)
 
 
-def build_transformer(config: ml_collections.ConfigDict) -> CrossTransformer:
+def build_matcher(config: ml_collections.ConfigDict) -> nn.Module:
+  """The pair model over backbone features: `apply(vars, feat_a, feat_b, pad_a, pad_b, train=...)` ->
+  (out_a, out_b). A CrossTransformer or an `ncnet.NCNetMatcher`, as `config.arch` says."""
+  if matcher_key(config) == 'ncnet':
+    return ncnet.NCNetMatcher(kernel_sizes=tuple(config.ncnet_kernel_sizes), channels=tuple(config.ncnet_channels),
+                              relocalization=int(config.ncnet_relocalization), impl=config.ncnet_conv)
   return CrossTransformer(
       d_model=config.d_model, num_heads=config.num_heads, dim_feedforward=config.dim_feedforward,
       block_types=config.block_types, dropout=config.dropout, drop_feat=config.drop_feat,
@@ -296,11 +336,11 @@ def build_transformer(config: ml_collections.ConfigDict) -> CrossTransformer:
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array,
                 feature_shape: Sequence[int] = (4, 4)) -> dict:
-  """Random parameters `{'backbone': {'params', 'batch_stats'}, 'transformer': {'params'}}`."""
-  rng_backbone, rng_transformer = jax.random.split(rng)
+  """Random parameters `{'backbone': {'params', 'batch_stats'}, matcher_key(config): {'params'}}`."""
+  rng_backbone, rng_matcher = jax.random.split(rng)
   h, w = feature_shape
   images = jnp.zeros((1, h * FEATURE_STRIDE, w * FEATURE_STRIDE, 3), jnp.float32)
   features = jnp.zeros((1, h, w, config.feature_dim), jnp.float32)
   backbone_vars = build_backbone(config).init(rng_backbone, images)
-  transformer_vars = build_transformer(config).init(rng_transformer, features, features)
-  return {'backbone': dict(backbone_vars), 'transformer': dict(transformer_vars)}
+  matcher_vars = build_matcher(config).init(rng_matcher, features, features)
+  return {'backbone': dict(backbone_vars), matcher_key(config): dict(matcher_vars)}

@@ -38,7 +38,7 @@ def test_backbone_parameter_count_matches_reference():
 @pytest.mark.parametrize('block_types', ['I C', 'C I N N', 'I I', 'N C I N'])
 def test_any_block_string_and_unequal_sizes(block_types):
   config = model_lib.model_config('tiny', block_types)
-  transformer = model_lib.build_transformer(config)
+  transformer = model_lib.build_matcher(config)
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   feat_a, feat_b = _features(k1, (2, 3, 5, 1024)), _features(k2, (2, 4, 2, 1024))
   variables = transformer.init(k3, feat_a, feat_b)
@@ -58,7 +58,7 @@ def test_bad_block_string_is_rejected():
 
 def test_padded_tokens_do_not_influence_the_rest():
   config = model_lib.model_config('tiny', 'I C I C')
-  transformer = model_lib.build_transformer(config)
+  transformer = model_lib.build_matcher(config)
   k1, k2, k3, k4 = jax.random.split(jax.random.key(2), 4)
   feat_a, feat_b = _features(k1, (1, 4, 4, 1024)), _features(k2, (1, 4, 6, 1024))
   pad_b = jnp.zeros((1, 4, 6), bool).at[:, :, 3:].set(True)
@@ -74,7 +74,7 @@ def test_padded_tokens_do_not_influence_the_rest():
 
 def test_dropout_only_when_training():
   config = model_lib.model_config('tiny', 'I C')
-  transformer = model_lib.build_transformer(config)
+  transformer = model_lib.build_matcher(config)
   k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
   feat = _features(k1, (2, 3, 3, 1024))
   variables = transformer.init(k2, feat, feat)

@@ -20,7 +20,7 @@ def build_model_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   """The model config (`model.model_config`) described by a training config's `model` block."""
   spec = config.model
   try:
-    model_config = model_lib.model_config(spec.size, spec.block_types or None)
+    model_config = model_lib.model_config(spec.size, spec.block_types or None, spec.get('arch', 'transformer'))
   except errors.ConfigError as e:
     raise errors.ConfigError(f'config.model: {e}') from e
   for key in ('dropout', 'drop_feat', 'pos_weight', 'feat_weight', 'backbone'):
@@ -28,9 +28,20 @@ def build_model_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   model_config.backbone_widths = tuple(int(w) for w in spec.backbone_widths)
   if spec.backbone == 'small_convnet':
     model_config.feature_dim = model_config.backbone_widths[-1]
-  elif spec.backbone != 'resnet50_conv4':
+  elif spec.backbone not in model_lib.BACKBONES:
     raise errors.ConfigError(f'config.model.backbone: unknown backbone {spec.backbone!r} '
                              f'(expected one of {model_lib.BACKBONES})')
+  if model_config.arch == 'ncnet':
+    kernel_sizes = tuple(int(k) for k in spec.ncnet_kernel_sizes)
+    channels = tuple(int(c) for c in spec.ncnet_channels)
+    if len(kernel_sizes) != len(channels) or not kernel_sizes or channels[-1] != 1 or any(k % 2 == 0 for k in kernel_sizes):
+      raise errors.ConfigError(f'config.model.ncnet_kernel_sizes={list(kernel_sizes)} / ncnet_channels='
+                               f'{list(channels)}: one odd kernel size per layer, and 1 channel in the last layer')
+    if spec.ncnet_relocalization not in (0, 2):
+      raise errors.ConfigError(f'config.model.ncnet_relocalization must be 0 or 2, got {spec.ncnet_relocalization}')
+    model_config.ncnet_kernel_sizes, model_config.ncnet_channels = kernel_sizes, channels
+    model_config.ncnet_relocalization = int(spec.ncnet_relocalization)
+    model_config.ncnet_conv = spec.ncnet_conv
   return model_config
 
 

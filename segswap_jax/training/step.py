@@ -14,7 +14,7 @@ Inside the step: backbone features of the 2B images (under stop_gradient unless 
 trained), the per-batch A/B role swap (one coin for the whole global batch), the in-batch negatives
 (A of pair i with B of pair j, the reference's cyclic shifts, un-swapped, no key padding; with
 `drop_shared_scene_negatives` those whose images show one scene are left out of the loss), one
-transformer call over positives and negatives together, the loss of `losses.py`.
+matcher call (transformer or NC-Net) over positives and negatives together, the loss of `losses.py`.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ Metrics = Dict[str, jax.Array]
 class TrainState:
   """Everything that changes during training.
 
-  step: int32 `()`; params: the trainable tree (`{'transformer': {'params'}}`, plus
+  step: int32 `()`; params: the trainable tree (`{MATCHER: {'params'}}`, MATCHER = `model.matcher_key`, plus
   `{'backbone': {'params'}}` when the backbone is trained); opt_state: the optax state; rng: uint32
   `(2,)` raw key, folded with the step for each step's randomness.
   """
@@ -50,9 +50,10 @@ class TrainState:
 
 
 def split_params(model_params: dict, train_backbone: bool) -> Tuple[dict, dict]:
-  """Model tree `{'backbone': vars, 'transformer': vars}` -> (trainable, frozen)."""
+  """Model tree `{'backbone': vars, MATCHER: vars}` -> (trainable, frozen); MATCHER is 'transformer' or
+  'ncnet' (`model.matcher_key`)."""
   backbone = dict(model_params['backbone'])
-  trainable = {'transformer': dict(model_params['transformer'])}
+  trainable = {k: dict(v) for k, v in model_params.items() if k != 'backbone'}
   if train_backbone:
     trainable['backbone'] = {'params': backbone.pop('params')}
   return trainable, {'backbone': backbone}
@@ -62,7 +63,7 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
   """Inverse of `split_params`: the model tree every other tool loads."""
   backbone = dict(frozen['backbone'])
   backbone.update(trainable.get('backbone', {}))
-  return {'backbone': backbone, 'transformer': trainable['transformer']}
+  return {'backbone': backbone, **{k: v for k, v in trainable.items() if k != 'backbone'}}
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -102,7 +103,8 @@ def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collecti
                                                                    Tuple[TrainState, Metrics]]:
   """Returns the pure step `(state, batch, frozen) -> (state, metrics)` of one replica."""
   backbone = model_lib.build_backbone(model_config)
-  transformer = model_lib.build_transformer(model_config)
+  matcher = model_lib.build_matcher(model_config)
+  matcher_key = model_lib.matcher_key(model_config)
   optimizer = make_optimizer(config)
   schedule = learning_rate_schedule(config)
   neg_index_a, neg_index_b = losses.in_batch_negatives(config.batch_pos, config.batch_neg)
@@ -131,8 +133,8 @@ def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collecti
       neg_y = jnp.concatenate([neg_y, batch['hard_feat_b'].astype(neg_y.dtype)])
     num_pos, num_neg = x.shape[0], neg_x.shape[0]
     neg_pad = jnp.zeros((num_neg,) + no_pad.shape[1:], bool)
-    out_x, out_y = transformer.apply(
-        trainable['transformer'], jnp.concatenate([x, neg_x]), jnp.concatenate([y, neg_y]),
+    out_x, out_y = matcher.apply(
+        trainable[matcher_key], jnp.concatenate([x, neg_x]), jnp.concatenate([y, neg_y]),
         jnp.concatenate([pad_x, neg_pad]), jnp.concatenate([pad_y, neg_pad]), train=True,
         rngs={'dropout': rng_dropout})
     neg_weights = jnp.ones((num_neg,), jnp.float32)
