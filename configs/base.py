@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.brueghel_db_size = 640         # the reference's database side and query crop (quick checks: less)
   config.brueghel_box_size = 64         # the reference's query box side
   config.vis_num_pairs = 6              # held-out pairs drawn in predictions.png
+  # A resumed run must have the settings it started with; name here the ones it may change (comma-
+  # separated, e.g. 'learning_rate,num_epochs'): the change and its step go to config_history.jsonl.
+  config.allow_changes = ''
 
   # -- stage 2 (configs/hardmining.py) ----------------------------------------------------------------------
   config.hard_mining = ml_collections.ConfigDict()

@@ -45,15 +45,25 @@ def fingerprint(config) -> Dict[str, object]:
   return values
 
 
+# Every value a data config holds, and what it may be (`cli.check_config_values`).
+RULES = {
+    'source': 'in:bundled|folder|coco', 'image_size': 'size16', 'num_pairs': 'count', 'num_validation': 'count0',
+    'two_object_fraction': 'fraction', 'poisson_prob': 'fraction', 'copy_feather': 'nonneg', 'seed': 'count0',
+    'shard_size': 'count', 'num_workers': 'count0', 'jpeg_quality': 'count', 'max_attempts': 'count',
+    'swap.dilation': 'count0', 'swap.border_cut_prob': 'fraction', 'swap.aspect_min': 'open01',
+    'swap.max_angle': 'nonneg', 'swap.num_scales': 'count', 'swap.min_mask_cells': 'nonneg',
+    'swap.max_source_side': 'count', 'swap.min_source_side': 'count', 'style.kind': 'in:classical|adain',
+    'style.adain_size': 'count',
+}
+
+
 def check_config(config) -> None:
-  if config.image_size % FEATURE_STRIDE or config.image_size < 64:
-    raise DataError(f'image_size must be a multiple of {FEATURE_STRIDE} and >= 64, got {config.image_size}')
-  if config.num_pairs < 1:
-    raise DataError(f'num_pairs must be >= 1, got {config.num_pairs}')
-  if not 0.0 <= config.two_object_fraction <= 1.0:
-    raise DataError(f'two_object_fraction must be in [0, 1], got {config.two_object_fraction}')
-  if config.shard_size < 1:
-    raise DataError(f'shard_size must be >= 1, got {config.shard_size}')
+  """Refuses values generation cannot run with, naming the key (before any pair is made)."""
+  cli.check_config_values(config, RULES)
+  if config.image_size < 64:
+    raise ConfigError(f'config.image_size={config.image_size}: expected at least 64')
+  if config.jpeg_quality > 100:
+    raise ConfigError(f'config.jpeg_quality={config.jpeg_quality}: expected at most 100')
 
 
 def _init_worker(config_json: str):

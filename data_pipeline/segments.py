@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from segswap_jax import images
 from segswap_jax.errors import DataError, ImageError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -70,27 +71,11 @@ class UnsupervisedParams:
 def read_image(path: str, max_side: int = 640, min_side: int = 0) -> np.ndarray:
   """Reads an image file as RGB uint8 `(H, W, 3)`, long side shrunk to at most `max_side`.
 
-  Grey images are replicated to 3 channels, 16-bit ones scaled to 8 bits, and transparent ones
-  composited onto white. Raises `ImageError` (naming the file) if OpenCV cannot decode it or its
+  Decoded by the one image reader (`segswap_jax.images`: grey replicated, 16-bit to 8, transparent
+  images composited onto white). Raises `ImageError` (naming the file) if it cannot be decoded or its
   short side is below `min_side`.
   """
-  image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-  if image is None or image.size == 0:
-    if not os.path.exists(path):
-      raise ImageError(path, 'file not found')
-    raise ImageError(path, 'not a readable image (corrupt or unsupported format)')
-  if image.dtype == np.uint16:
-    image = (image // 257).astype(np.uint8)
-  elif image.dtype != np.uint8:
-    raise ImageError(path, f'unsupported pixel type {image.dtype}')
-  if image.ndim == 2:
-    image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-  elif image.shape[2] == 4:
-    alpha = image[..., 3:].astype(np.float32) / 255.0
-    bgr = image[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-    image = cv2.cvtColor(np.round(bgr).astype(np.uint8), cv2.COLOR_BGR2RGB)
-  else:
-    image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
+  image = images.read_rgb(path, alpha='white')
   height, width = image.shape[:2]
   if min(height, width) < min_side:
     raise ImageError(path, f'too small ({width}x{height} px; need at least {min_side} px on the '

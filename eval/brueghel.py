@@ -234,7 +234,8 @@ def detection_boxes(stats: np.ndarray, crop_box: Sequence[float], crop_wh: Tuple
 def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 32, cache_dir: str = 'feature_cache',
              cache_dtype: str = 'float16', work_dir: str = 'brueghel.partial', det_iou: float = 0.3,
              det_max_predictions: int = 1000, det_center: str = 'fit', num_queries: Optional[int] = None,
-             db_size: int = DB_SIZE, box_size: int = QUERY_BOX_SIZE) -> Optional[Dict]:
+             db_size: int = DB_SIZE, box_size: int = QUERY_BOX_SIZE,
+             digests: Optional[Dict[str, str]] = None) -> Optional[Dict]:
   """Runs the benchmark; returns the results dict on process 0 (None on the others).
 
   `db_size` (database side and query crop, 640) and `box_size` (query box longer side, 64) are the
@@ -254,9 +255,9 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
         raise DataError(f'{SPLIT_FILES[split]}: image {name!r} of category {category} is not in {image_dir}')
   queries = queries[:num_queries] if num_queries else queries
 
-  model = inference.SegSwap(params, config)
+  model = inference.SegSwap(params, config, digests=digests)
   batch_size = inference.balanced_batch_size(len(db_names) - 1, batch_size, model.num_devices)
-  cache = feature_cache.model_feature_cache(cache_dir, params['backbone'], (db_size, db_size), 'imagenet',
+  cache = feature_cache.model_feature_cache(cache_dir, model.digests['backbone'], (db_size, db_size), 'imagenet',
                                             cache_dtype, config.feature_dim)
   load_db = lambda name: images.load_image(os.path.join(image_dir, name), (db_size, db_size))
   start = time.time()
@@ -267,7 +268,8 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
 
   local = multihost.query_shard(len(queries))
   n_db = len(db_names)
-  key = {'split': split, 'db': db_names, 'num_queries': len(queries), 'cache': cache.meta, 'box_size': box_size}
+  key = {'split': split, 'db': db_names, 'num_queries': len(queries), 'cache': cache.meta, 'box_size': box_size,
+         'model': model.fingerprint}
   progress = resumable.QueryProgress(work_dir, jax.process_index(),
                                      {'scores': ((n_db,), 'float32'), 'stats': ((n_db, NUM_STATS), 'float32'),
                                       'crop': ((6,), 'float32')}, len(local), key)
@@ -355,7 +357,7 @@ def main(argv=None) -> int:
   parser.add_argument('--out-coarse', default=None,
                       help='also write the reference --out-coarse JSON: {category: [per query: '
                            '[[cx, cy, score, is_gt, db_idx], ...] by score]}')
-  parser.add_argument('--det-iou', type=float, default=0.3, help='IoU above which a detection is correct')
+  parser.add_argument('--det-iou', type=cli.open_unit_float, default=0.3, help='IoU above which a detection is correct')
   parser.add_argument('--det-max-predictions', type=cli.positive_int, default=1000, help="ArtMiner's nbPred")
   parser.add_argument('--det-center', choices=('fit', 'coarse'), default='fit',
                       help='detection box centre: least-squares fit, or the reference coarse location')
@@ -363,20 +365,20 @@ def main(argv=None) -> int:
   parser.add_argument('--cache-dtype', choices=('float16', 'float32'), default='float16')
   parser.add_argument('--num-queries', type=cli.positive_int, default=None,
                       help='only the first N queries (quick check)')
-  parser.add_argument('--db-size', type=cli.positive_int, default=DB_SIZE,
+  parser.add_argument('--db-size', type=cli.size16, default=DB_SIZE,
                       help='database side and query crop in px (the reference: 640; change for quick checks only)')
   parser.add_argument('--query-box-size', type=cli.positive_int, default=QUERY_BOX_SIZE,
                       help="query box's longer side after resizing (the reference: 64)")
   cli.add_multihost(parser)
   args = parser.parse_args(argv)
   multihost.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-  params, config = checkpoints.load_model(args.checkpoint)
+  params, config, digests = checkpoints.load_verified(args.checkpoint)
   results = evaluate(
       args.data_dir, args.split, params, config, args.batch_size,
       cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'feature_cache'),
       cache_dtype=args.cache_dtype, work_dir=args.out + '.partial', det_iou=args.det_iou,
       det_max_predictions=args.det_max_predictions, det_center=args.det_center, num_queries=args.num_queries,
-      db_size=args.db_size, box_size=args.query_box_size)
+      db_size=args.db_size, box_size=args.query_box_size, digests=digests)
   if results is not None:
     coarse = results.pop('coarse')
     results = dict({'checkpoint': os.path.abspath(args.checkpoint)}, **results)

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
 import jax
@@ -91,19 +92,28 @@ def _fingerprint(settings: dict) -> dict:
 
 
 def _open_cache(cache_dir: str, settings: dict) -> None:
+  """Makes `cache_dir` the cache of `settings`: chunks written with other settings (another model, other
+  images, flips, ...) are removed, saying what differed, so they are computed again and never reused."""
   os.makedirs(cache_dir, exist_ok=True)
   path = os.path.join(cache_dir, META_FILE)
   meta = _fingerprint(settings)
   if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-    if stored.get('fingerprint') != meta['fingerprint']:
-      differing = sorted(k for k in settings if stored.get(k) != settings[k])
-      raise errors.DataError(f'{cache_dir}: cache was written with other settings ({", ".join(differing)}); '
-                             'write to a new --out or delete this cache')
-  else:
-    with open(path, 'w') as f:
-      json.dump(meta, f, indent=1)
+    try:
+      with open(path) as f:
+        stored = json.load(f)
+    except (OSError, ValueError):
+      stored = {}
+    if stored.get('fingerprint') == meta['fingerprint']:
+      return
+    differing = sorted(k for k in set(settings) | set(stored) - {'fingerprint'} if stored.get(k) != settings.get(k))
+    print(f'note: {cache_dir} holds pair outputs of another run (differs in: {", ".join(differing)}); '
+          'computing them again', file=sys.stderr, flush=True)
+    for chunk in cached_chunks(cache_dir):
+      os.remove(chunk)
+  temporary = path + '.tmp'
+  with open(temporary, 'w') as f:
+    json.dump(meta, f, indent=1)
+  os.replace(temporary, path)
 
 
 def score_pairs(model: inference.SegSwap, images: np.ndarray, pairs: np.ndarray,
@@ -122,7 +132,9 @@ def score_pairs(model: inference.SegSwap, images: np.ndarray, pairs: np.ndarray,
     flip: 'reference', 'corrected' or 'none' (module doc).
     denormalize: feed x * std + mean like the released Internet loader (default: standard).
     keep_all: keep every pair (not only those whose best score passes `discovery.keep_threshold`).
-    cache_key: extra settings that identify the run in the cache (e.g. checkpoint, image names).
+    cache_key: extra settings that identify the run in the cache (e.g. the image names); the model's
+      fingerprint (its parameters' digest and config) is always part of the key, so outputs of another
+      model are never reused.
     features, mirrored: precomputed `collection_features` of the images (and of their mirrors), to
       avoid computing them twice; computed here when needed and not given.
   """
@@ -138,7 +150,8 @@ def score_pairs(model: inference.SegSwap, images: np.ndarray, pairs: np.ndarray,
   bounds = [(s, min(s + chunk_pairs, len(pairs))) for s in range(0, len(pairs), chunk_pairs)]
   if cache_dir:
     pair_hash = hashlib.sha1(pairs.tobytes()).hexdigest()
-    _open_cache(cache_dir, dict(cache_key or {}, flip=flip, denormalize=denormalize, keep_all=keep_all,
+    _open_cache(cache_dir, dict(cache_key or {}, model=model.fingerprint, flip=flip, denormalize=denormalize,
+                                keep_all=keep_all,
                                 image_shape=list(images.shape), pairs=pair_hash, chunk_pairs=chunk_pairs))
 
   def chunk_path(start, end):

@@ -223,14 +223,20 @@ def extract_nodes(pair_set: PairSet, used: np.ndarray, conf_threshold: float = C
 # Affinity.
 # ----------------------------------------------------------------------------------------------------
 
-def _kernel_table(sigma: float, grid) -> np.ndarray:
+KERNEL_DTYPES = ('float32', 'float64')
+
+
+def _kernel_table(sigma: float, grid, dtype: str = 'float64') -> np.ndarray:
   """k(d) = exp(-d / sigma) for every squared cell distance d^2 of the grid: index by dx^2 + dy^2.
 
-  Cells are integers, so the kernel of a distance is one table look-up (float64, the value the
-  reference computes per entry).
+  Cells are integers, so the kernel of a distance is one table look-up. 'float32' computes it as the
+  reference does (the reference method uses it); 'float64' is ours.
   """
   h, w = grid
-  return np.exp(-np.sqrt(np.arange((h - 1) ** 2 + (w - 1) ** 2 + 1, dtype=np.float64)) / sigma)
+  squared = np.arange((h - 1) ** 2 + (w - 1) ** 2 + 1)
+  if dtype == 'float32':
+    return np.exp(-np.sqrt(squared.astype(np.float32)) / np.float32(sigma)).astype(np.float32)
+  return np.exp(-np.sqrt(squared.astype(np.float64)) / sigma)
 
 
 def _squared_distances(cells_1: np.ndarray, cells_2: np.ndarray) -> np.ndarray:
@@ -294,7 +300,8 @@ def three_cycle_blocks(nodes: Nodes, pair_set: PairSet):
   return {k: v[order] for k, v in result.items()}
 
 
-def _three_cycle_entries(nodes: Nodes, pair_set: PairSet, sigma: float, min_weight: float):
+def _three_cycle_entries(nodes: Nodes, pair_set: PairSet, sigma: float, min_weight: float,
+                         kernel_dtype: str = 'float64'):
   """3-cycle edges (docs/reference.md §7 "Graph" step 3) between nodes a (of block 1) and b (of block 2).
 
   w = exp(-|a_u - b_u| / sigma) * 0.5 * [exp(-|T_pq(a_p) - b_q| / sigma) + exp(-|a_p - T_qp(b_q)| / sigma)]
@@ -306,7 +313,7 @@ def _three_cycle_entries(nodes: Nodes, pair_set: PairSet, sigma: float, min_weig
   triples = three_cycle_blocks(nodes, pair_set)
   if len(triples['block_1']) == 0:
     return []
-  table = _kernel_table(sigma, nodes.grid)
+  table = _kernel_table(sigma, nodes.grid, kernel_dtype).astype(np.float64)
   targets_a = rounded_targets(pair_set.out_a, *nodes.grid).astype(np.int32)  # cells of i -> cells in j
   targets_b = rounded_targets(pair_set.out_b, *nodes.grid).astype(np.int32)
   cells = nodes.cells.astype(np.int32)
@@ -350,7 +357,8 @@ def _three_cycle_entries(nodes: Nodes, pair_set: PairSet, sigma: float, min_weig
 
 
 def affinity(nodes: Nodes, pair_set: PairSet, sigma: float, two_cycle: bool = False,
-             three_cycle: bool = True, min_weight: float = MIN_WEIGHT) -> scipy.sparse.csr_matrix:
+             three_cycle: bool = True, min_weight: float = MIN_WEIGHT,
+             kernel_dtype: str = 'float64') -> scipy.sparse.csr_matrix:
   """Sparse symmetric node affinity (docs/reference.md §7 "Graph" step 3), float32 CSR `(N, N)`; entries <= min_weight dropped.
 
   The official runs use `two_cycle=False, three_cycle=True` (`--only3cycle`).
@@ -362,7 +370,7 @@ def affinity(nodes: Nodes, pair_set: PairSet, sigma: float, two_cycle: bool = Fa
   if two_cycle:
     parts += _two_cycle_entries(nodes, sigma, min_weight)
   if three_cycle:
-    parts += _three_cycle_entries(nodes, pair_set, sigma, min_weight)
+    parts += _three_cycle_entries(nodes, pair_set, sigma, min_weight, kernel_dtype)
   if not parts:
     return scipy.sparse.csr_matrix((n, n), dtype=np.float32)
   rows = np.concatenate([p[0] for p in parts])
@@ -466,16 +474,38 @@ def image_maps(nodes: Nodes, values: np.ndarray, num_images: int) -> np.ndarray:
   return maps.astype(np.float32)
 
 
-def upsample(cell_map: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear upsampling `(h, w)` -> `(height, width)` like `F.interpolate(mode='bilinear')`.
+def _fma32(a, b, c) -> np.ndarray:
+  """float32 a * b + c rounded once, as a fused multiply-add (float64 holds the float32 product exactly)."""
+  return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
 
-  align_corners=False with the edge clamp of `interpolate`: sampling at the pixel centres, clamped to the
-  outermost cell centres, with the project's one sampler.
+
+def _interpolation_axis(in_size: int, out_size: int):
+  """PyTorch's bilinear source indices and weights along one axis (align_corners=False, float32)."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  source = _fma32(scale, np.arange(out_size, dtype=np.float32) + np.float32(0.5), np.float32(-0.5))
+  source = np.maximum(source, np.float32(0.0))
+  low = source.astype(np.int64)
+  high = np.minimum(low + 1, in_size - 1)
+  weight_high = (source - low.astype(np.float32)).astype(np.float32)
+  return low, high, (np.float32(1.0) - weight_high).astype(np.float32), weight_high
+
+
+def upsample(cell_map: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear resizing `(h, w)` -> `(height, width)`, float32, as PyTorch's `F.interpolate(mode='bilinear',
+  align_corners=False)` computes it on a CPU (what the reference upsamples its maps with).
+
+  Same source indices (fused multiply-add, clamped at 0), weights and order of operations, so the result
+  equals PyTorch's on every pixel when upsampling, edges included: where the outer cells are 0 the edge
+  bands are exactly 0 (`soft > 0` decides GrabCut's probable foreground).
   """
-  h, w = cell_map.shape
-  xy = geometry.cell_centers(height, width, np.float64)
-  xy = np.clip(xy, [0.5 / w, 0.5 / h], [1 - 0.5 / w, 1 - 0.5 / h]).astype(np.float32)
-  return geometry.warp_map(np.asarray(cell_map, np.float32), xy)
+  values = np.asarray(cell_map, np.float32)
+  r0, r1, a0, a1 = _interpolation_axis(values.shape[0], height)
+  c0, c1, b0, b1 = _interpolation_axis(values.shape[1], width)
+  a0, a1, b0, b1 = a0[:, None], a1[:, None], b0[None], b1[None]
+  top, bottom = values[r0], values[r1]
+  upper = _fma32(b0, top[:, c0], b1 * top[:, c1])
+  lower = _fma32(b0, bottom[:, c0], b1 * bottom[:, c1])
+  return _fma32(a0, upper, a1 * lower)
 
 
 def grabcut_labels(soft: np.ndarray, fg_threshold: float = FG_THRESHOLD, dilate: int = DILATE) -> np.ndarray:
@@ -498,15 +528,20 @@ def grabcut_labels(soft: np.ndarray, fg_threshold: float = FG_THRESHOLD, dilate:
   return labels
 
 
+GRABCUT_RNG = ('per-call', 'released')
+
+
 def soft_to_binary(cell_map: np.ndarray, image_bgr: np.ndarray, fg_threshold: float = FG_THRESHOLD,
                    dilate: int = DILATE, iterations: int = GRABCUT_ITERATIONS,
-                   grabcut: bool = True) -> np.ndarray:
+                   grabcut: bool = True, grabcut_rng: str = 'per-call') -> np.ndarray:
   """A per-image cell map -> bool `(H, W)` foreground mask at the image's resolution (docs/reference.md §7 "Graph" steps 5-6).
 
   Upsampled bilinearly to the image size; no positive value -> all background; else GrabCut
   (`iterations`, initialised by `grabcut_labels`), foreground = GC_FGD or GC_PR_FGD. When GrabCut cannot
   run (no background sample at all) or `grabcut=False`, the initial foreground labels are returned.
-  OpenCV's RNG is seeded per call so the result does not depend on what ran before.
+  GrabCut's k-means draws from OpenCV's RNG: `grabcut_rng='per-call'` (ours) reseeds it before every
+  call, so a mask does not depend on what ran before; 'released' leaves it alone, one stream through the
+  whole process as in the reference (`reset_grabcut_rng` starts that stream where a fresh process does).
   """
   height, width = image_bgr.shape[:2]
   soft = upsample(cell_map, height, width)
@@ -516,7 +551,10 @@ def soft_to_binary(cell_map: np.ndarray, image_bgr: np.ndarray, fg_threshold: fl
   initial = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
   if not grabcut or not np.any((labels == cv2.GC_BGD) | (labels == cv2.GC_PR_BGD)):
     return initial
-  cv2.setRNGSeed(0)
+  if grabcut_rng == 'per-call':
+    cv2.setRNGSeed(0)
+  elif grabcut_rng != 'released':
+    raise DataError(f'grabcut_rng must be one of {GRABCUT_RNG}, got {grabcut_rng!r}')
   try:
     labels, _, _ = cv2.grabCut(np.ascontiguousarray(image_bgr, np.uint8), labels, None,
                                np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64), iterations,
@@ -524,6 +562,11 @@ def soft_to_binary(cell_map: np.ndarray, image_bgr: np.ndarray, fg_threshold: fl
   except cv2.error:
     return initial
   return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+
+
+def reset_grabcut_rng() -> None:
+  """OpenCV's RNG in the state a fresh process starts with (the reference runs one class per process)."""
+  cv2.setRNGSeed(0)  # RNG(0) is OpenCV's default state, 0xffffffff
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -550,20 +593,39 @@ class Pattern:
 
 @dataclasses.dataclass
 class Discovery:
-  """Everything a discovery run produced: nodes, affinity, eigenvector, per-image maps, patterns."""
+  """Everything a discovery run produced: nodes, affinity, eigenvector, per-image maps, patterns, and the
+  fraction of nodes whose eigenvector value is float noise (`undetermined_fraction`; 0 for 'patterns',
+  whose per-group eigenvectors live on connected groups)."""
   nodes: Nodes
   matrix: scipy.sparse.csr_matrix
   vector: np.ndarray
   maps: np.ndarray
   patterns: List[Pattern]
+  undetermined: float = 0.0
 
 
 def build_graph(pair_set: PairSet, sigma: float, top_k: int = TOP_K, conf_threshold: float = CONF_THRESHOLD,
-                two_cycle: bool = False, three_cycle: bool = True, min_weight: float = MIN_WEIGHT):
+                two_cycle: bool = False, three_cycle: bool = True, min_weight: float = MIN_WEIGHT,
+                kernel_dtype: str = 'float64'):
   """Used pairs -> nodes -> sparse affinity. Returns (nodes, matrix)."""
   nodes = extract_nodes(pair_set, used_pairs(pair_set, top_k), conf_threshold)
-  matrix = affinity(nodes, pair_set, sigma, two_cycle, three_cycle, min_weight)
+  matrix = affinity(nodes, pair_set, sigma, two_cycle, three_cycle, min_weight, kernel_dtype)
   return nodes, matrix
+
+
+NOISE_FLOOR = 1e-6  # eigenvector entries below this x the largest are float noise
+
+
+def undetermined_fraction(matrix: scipy.sparse.spmatrix, vector: np.ndarray) -> float:
+  """The fraction of nodes the leading eigenvector leaves undetermined.
+
+  When the graph falls apart into components, the eigenvector lives on one of them and its other entries
+  are float noise (|x| < NOISE_FLOOR x max |x|) whose signs and values depend on the solver, not on the
+  data: the reference method's maps (and so its masks) there are not determined by the method.
+  """
+  if len(vector) == 0 or not np.any(vector):
+    return 0.0
+  return float(np.mean(np.abs(vector) < NOISE_FLOOR * np.abs(vector).max()))
 
 
 def _pattern(nodes: Nodes, members: np.ndarray, values: np.ndarray, energy: float, num_images: int,
@@ -589,7 +651,9 @@ def discover_reference(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
                        conf_threshold: float = CONF_THRESHOLD, two_cycle: bool = False,
                        three_cycle: bool = True, min_weight: float = MIN_WEIGHT) -> Discovery:
   """docs/reference.md §7 "Graph" steps 1-6: one pattern, the leading eigenvector; `maps` are the reference's 'sum' maps."""
-  nodes, matrix = build_graph(pair_set, sigma, top_k, conf_threshold, two_cycle, three_cycle, min_weight)
+  # The reference computes its kernel in float32.
+  nodes, matrix = build_graph(pair_set, sigma, top_k, conf_threshold, two_cycle, three_cycle, min_weight,
+                              kernel_dtype='float32')
   vector = leading_eigenvector(matrix)
   maps = image_maps(nodes, vector, pair_set.num_images)
   patterns = []
@@ -598,7 +662,7 @@ def discover_reference(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
     pattern = _pattern(nodes, np.arange(len(nodes)), vector, energy, pair_set.num_images)
     if len(pattern.images):
       patterns.append(pattern)
-  return Discovery(nodes, matrix, vector, maps, patterns)
+  return Discovery(nodes, matrix, vector, maps, patterns, undetermined_fraction(matrix, vector))
 
 
 def discover_patterns(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
@@ -644,7 +708,7 @@ def discover_patterns(pair_set: PairSet, sigma: float, top_k: int = TOP_K,
     vector[patterns[0].nodes] = patterns[0].values
   h, w = nodes.grid
   maps = patterns[0].maps if patterns else np.zeros((pair_set.num_images, h, w), np.float32)
-  return Discovery(nodes, matrix, vector, maps, patterns)
+  return Discovery(nodes, matrix, vector, maps, patterns, 0.0)
 
 
 METHODS = {'reference': discover_reference, 'patterns': discover_patterns}

@@ -13,7 +13,7 @@ buy nothing; shards let the cache grow (a later run with a larger top-K appends 
 any numpy can read the files. Writes are row-disjoint, so several processes (multi-host, on a shared
 filesystem) fill one cache concurrently while only process 0 writes the index.
 
-Staleness: `meta` holds everything that changes the features (checkpoint backbone fingerprint, input
+Staleness: `meta` holds everything that changes the features (the backbone parameters' digest, input
 size, normalisation, dtype, feature shape); opening a cache whose meta differs raises DataError.
 Resumable: rows are marked done only after their features are flushed, so an interrupted fill recomputes
 at most one batch.
@@ -21,12 +21,10 @@ at most one batch.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -34,17 +32,6 @@ from segswap_jax.errors import DataError
 from segswap_jax.model import FEATURE_STRIDE
 
 INDEX_FILE = 'index.json'
-
-
-def fingerprint_tree(tree) -> str:
-  """sha256 over the paths, dtypes, shapes and bytes of a parameter tree's leaves (16 hex digits)."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    array = np.asarray(leaf)
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(f'{array.dtype}{array.shape}'.encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()[:16]
 
 
 class FeatureCache:
@@ -229,22 +216,23 @@ class FeatureCache:
     return len(todo)
 
 
-def model_feature_cache(root: str, backbone_params, image_hw, normalization: str, dtype: str = 'float16',
+def model_feature_cache(root: str, backbone_digest: str, image_hw, normalization: str, dtype: str = 'float16',
                         feature_dim: int = 1024, resize: str = 'PIL bilinear') -> FeatureCache:
-  """The cache for one backbone, input size and normalisation: `root/<fingerprint>_<W>x<H>_<norm>_<dtype>`.
+  """The cache for one backbone, input size and normalisation: `root/<digest[:16]>_<W>x<H>_<norm>_<dtype>`.
 
-  Different checkpoints or settings get different folders; the meta check inside catches a folder
-  reused by hand.
+  `backbone_digest`: the backbone parameters' digest (`SegSwap.digests['backbone']`, written with the
+  checkpoint). Different backbones or settings get different folders; the meta check inside catches a
+  folder reused by hand.
   """
   height, width = image_hw
   stride = FEATURE_STRIDE
   meta = {
-      'fingerprint': fingerprint_tree(backbone_params),
+      'fingerprint': backbone_digest,
       'image_size': [height, width],
       'normalization': normalization,
       'resize': resize,
       'dtype': np.dtype(dtype).name,
       'feature_shape': [-(-height // stride), -(-width // stride), feature_dim],
   }
-  folder = f'{meta["fingerprint"]}_{width}x{height}_{normalization}_{meta["dtype"]}'
+  folder = f'{meta["fingerprint"][:16]}_{width}x{height}_{normalization}_{meta["dtype"]}'
   return FeatureCache(os.path.join(root, folder), meta)

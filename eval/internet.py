@@ -23,7 +23,6 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
 import PIL.Image
 from tqdm import tqdm
@@ -82,11 +81,7 @@ def load_ground_truth(class_dir: str, name: str) -> np.ndarray:
 
 def load_original_bgr(class_dir: str, name: str) -> np.ndarray:
   """The image at its original resolution, BGR (what GrabCut runs on in the reference)."""
-  path = os.path.join(class_dir, name)
-  image = cv2.imread(path, cv2.IMREAD_COLOR)
-  if image is None:
-    raise DataError(f'{path}: unreadable image')
-  return image
+  return np.ascontiguousarray(images_lib.read_rgb(os.path.join(class_dir, name))[..., ::-1])
 
 
 def precision_jaccard(pred: np.ndarray, truth: np.ndarray):
@@ -113,7 +108,7 @@ def class_pairs(model, class_dir: str, cache_dir: Optional[str], flip: str = 're
                      for n in tqdm(names, desc=f'load {os.path.basename(class_dir)}', leave=False)])
   pairs = np.array(list(itertools.combinations(range(len(names)), 2)), np.int64)
   return collection.score_pairs(model, images, pairs, cache_dir=cache_dir, flip=flip, denormalize=denormalize,
-                                batch_size=batch_size, cache_key=dict(checkpoint=checkpoint, images=names),
+                                batch_size=batch_size, cache_key=dict(images=names),
                                 desc=f'pairs {os.path.basename(class_dir)}')
 
 
@@ -129,19 +124,32 @@ def class_sigma(class_name: str, sigma) -> float:
 
 
 def evaluate_class(pair_set: discovery.PairSet, class_dir: str, method: str = 'reference',
-                   sigma: float = DEFAULT_SIGMA, grabcut: bool = True, two_cycle: bool = False) -> dict:
-  """Discovery on one class's pairs, masks, and P / J against the ground truth."""
+                   sigma: float = DEFAULT_SIGMA, grabcut: bool = True, two_cycle: bool = False,
+                   grabcut_rng: str = 'per-call') -> dict:
+  """Discovery on one class's pairs, masks, and P / J against the ground truth.
+
+  `grabcut_rng='released'` draws GrabCut's k-means from one OpenCV RNG stream through the class, started
+  where a fresh process starts it (the released code runs one class per process); 'per-call' reseeds
+  it for every image. The result's `undetermined_nodes` is the fraction of graph nodes whose eigenvector
+  value is float noise (the reference method's masks there depend on the solver, not on the data).
+  """
   names = list_images(class_dir)
   if pair_set.num_images != len(names):
     raise DataError(f'{class_dir}: {len(names)} images but pair results for {pair_set.num_images}')
   result = discovery.discover(pair_set, method, sigma, two_cycle=two_cycle)
+  if result.undetermined > 0.5:
+    print(f'note: {os.path.basename(class_dir)}, {method} method, sigma {sigma:g}: the graph falls apart into '
+          f'components and {100 * result.undetermined:.0f}% of the eigenvector is float noise; those masks are '
+          'not determined by the method (the patterns method is not affected)', file=sys.stderr, flush=True)
+  if grabcut_rng == 'released':
+    discovery.reset_grabcut_rng()
   precisions, jaccards, per_image = [], [], []
   for index, name in enumerate(tqdm(names, desc=f'masks {os.path.basename(class_dir)}', leave=False)):
     truth = load_ground_truth(class_dir, name)
     image = load_original_bgr(class_dir, name)
     if image.shape[:2] != truth.shape:
       raise DataError(f'{ground_truth_path(class_dir, name)}: mask {truth.shape} but image {image.shape[:2]}')
-    pred = discovery.soft_to_binary(result.maps[index], image, grabcut=grabcut)
+    pred = discovery.soft_to_binary(result.maps[index], image, grabcut=grabcut, grabcut_rng=grabcut_rng)
     precision, jaccard = precision_jaccard(pred, truth)
     precisions.append(precision)
     if jaccard is not None:
@@ -150,7 +158,7 @@ def evaluate_class(pair_set: discovery.PairSet, class_dir: str, method: str = 'r
   return {'P': float(np.mean(precisions)), 'J': float(np.mean(jaccards)) if jaccards else None,
           'sigma': sigma, 'num_images': len(names), 'num_empty_gt': len(names) - len(jaccards),
           'num_kept_pairs': int(len(pair_set.pairs)), 'num_nodes': int(len(result.nodes)),
-          'num_edges': int(result.matrix.nnz), 'per_image': per_image}
+          'num_edges': int(result.matrix.nnz), 'undetermined_nodes': result.undetermined, 'per_image': per_image}
 
 
 def format_table(rows: Sequence[dict], classes: Sequence[str]) -> str:
@@ -196,7 +204,7 @@ def evaluate(model, data_dir: str, classes: Sequence[str] = CLASSES, methods: Se
              sigmas: Sequence = ('reference', DEFAULT_SIGMA), flip: str = 'reference', denormalize: bool = False,
              cache_dir: Optional[str] = None, batch_size: int = 32, grabcut: bool = True,
              two_cycle: bool = False, checkpoint: str = '', pair_sets: Optional[Dict[str, object]] = None,
-             image_size: int = IMAGE_SIZE) -> dict:
+             image_size: int = IMAGE_SIZE, grabcut_rng: str = 'per-call') -> dict:
   """Pairs per class (cached), then every (method, sigma) row; returns the JSON-ready results.
 
   `pair_sets` (class name -> PairSet) skips the model entirely (used by tests and re-analyses).
@@ -216,14 +224,14 @@ def evaluate(model, data_dir: str, classes: Sequence[str] = CLASSES, methods: Se
       per_class = {}
       for name, path in class_dirs.items():
         per_class[name] = evaluate_class(pair_sets[name], path, method, class_sigma(name, sigma), grabcut,
-                                         two_cycle)
+                                         two_cycle, grabcut_rng)
       js = [r['J'] for r in per_class.values() if r['J'] is not None]
       rows.append({'method': method, 'sigma': sigma, 'classes': per_class,
                    'average': {'P': float(np.mean([r['P'] for r in per_class.values()])),
                                'J': float(np.mean(js)) if js else None}})
   return {'settings': {'checkpoint': checkpoint, 'data_dir': data_dir, 'classes': list(class_dirs),
                        'flip': flip, 'denormalize': denormalize, 'image_size': image_size, 'grabcut': grabcut,
-                       'two_cycle': two_cycle},
+                       'two_cycle': two_cycle, 'grabcut_rng': grabcut_rng},
           'pair_seconds': timings, 'rows': rows, 'paper': PAPER,
           'table': format_table(rows, list(class_dirs))}
 
@@ -259,6 +267,9 @@ def main(argv=None) -> int:
                       help='feed x*std+mean like the released loader (default: standard normalisation)')
   parser.add_argument('--two-cycle', action='store_true', help='add 2-cycle edges (off in the official runs)')
   parser.add_argument('--no-grabcut', action='store_true', help='threshold the maps without GrabCut')
+  parser.add_argument('--grabcut-rng', choices=discovery.GRABCUT_RNG, default='per-call',
+                      help="GrabCut's random stream: reseeded per image (default), or one stream through a "
+                           'class as the released code draws it (released)')
   cli.add_batch_size(parser, 32, 'pairs per forward call')
   cli.add_image_size(parser, (IMAGE_SIZE, IMAGE_SIZE), "square model input size (the paper's)", square=True)
   parser.add_argument('--cache-dir', default=None,
@@ -273,7 +284,7 @@ def main(argv=None) -> int:
   model = inference.SegSwap.load(args.checkpoint)
   results = evaluate(model, args.data_dir, args.classes, args.method, args.sigma, args.flip,
                      args.denormalize, cache_dir, args.batch_size, not args.no_grabcut, args.two_cycle,
-                     checkpoint=os.path.abspath(args.checkpoint), image_size=height)
+                     checkpoint=os.path.abspath(args.checkpoint), image_size=height, grabcut_rng=args.grabcut_rng)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(results, f, indent=1)

@@ -57,7 +57,7 @@ class Settings:
 
 def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline_source: str,
              params: Dict, config, settings: Settings, nms_group: Optional[int],
-             work_dir: str) -> Optional[Dict]:
+             work_dir: str, digests: Optional[Dict[str, str]] = None) -> Optional[Dict]:
   """Re-ranks and scores; returns the results dict on process 0 (None elsewhere).
 
   Args:
@@ -67,7 +67,9 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
     params, config: the model.
     settings: evaluation settings.
     nms_group: database images per place for the spatial NMS (Tokyo: 12), or None.
-    work_dir: folder for resumable per-query results.
+    work_dir: folder for resumable per-query results (keyed on the model's fingerprint and every setting
+      that changes the numbers: a rerun with another model or setting starts over).
+    digests: the checkpoint's parameter digests (`checkpoints.load_verified`); computed when not given.
   """
   max_n = max(settings.recall_ns)
   depth = max(settings.topk, max_n, (nms_group or 1) * max_n)
@@ -81,11 +83,11 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
   topk = min(settings.topk, ranking.shape[1])
   candidates = ranking[:, :topk]
 
-  model = inference.SegSwap(params, config)
+  model = inference.SegSwap(params, config, digests=digests)
   batch_size = inference.balanced_batch_size(topk, settings.batch_size, model.num_devices)
   size = tuple(settings.image_size)
   normalization = 'denormalized' if settings.denormalize_candidates else 'imagenet'
-  cache = feature_cache.model_feature_cache(settings.cache_dir, params['backbone'], size,
+  cache = feature_cache.model_feature_cache(settings.cache_dir, model.digests['backbone'], size,
                                             normalization, settings.cache_dtype, config.feature_dim)
   db_names = [dataset.db_names[i] for i in np.unique(candidates)]
   load_db = lambda name: images.load_image(place_formats.resolve(name, [dataset.db_dir]), size)
@@ -97,7 +99,7 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
 
   local = multihost.query_shard(num_queries)
   key = {'dataset': dataset.sources, 'baseline': baseline_source, 'topk': topk, 'num_queries': num_queries,
-         'cache': cache.meta}
+         'cache': cache.meta, 'model': model.fingerprint}
   progress = resumable.QueryProgress(work_dir, jax.process_index(), {'scores': ((topk,), 'float32')},
                                      len(local), key)
   start = time.time()
@@ -189,7 +191,7 @@ def run_cli(layout: Layout, description: str, argv: Optional[List[str]] = None) 
       args.db_dir or os.path.join(args.data_dir, layout.db_subdir), args.source)
   ranking_path = args.ranking or os.path.join(lists_dir, layout.ranking_file)
   baseline = retrieval.load_npy(ranking_path, 'baseline ranking', mmap=True)
-  params, config = checkpoints.load_model(args.checkpoint)
+  params, config, digests = checkpoints.load_verified(args.checkpoint)
   settings = Settings(topk=args.topk, batch_size=args.batch_size,
                       denormalize_candidates=args.denormalize_candidates, dist_threshold=args.dist_threshold,
                       cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
@@ -197,7 +199,7 @@ def run_cli(layout: Layout, description: str, argv: Optional[List[str]] = None) 
                       cache_dtype=args.cache_dtype, num_queries=args.num_queries,
                       image_size=tuple(args.image_size))
   results = evaluate(dataset, baseline, ranking_path, params, config, settings, layout.nms_group,
-                     work_dir=args.out + '.partial')
+                     work_dir=args.out + '.partial', digests=digests)
   if results is not None:
     results = dict({'dataset': layout.name, 'checkpoint': os.path.abspath(args.checkpoint)}, **results)
     retrieval.write_json(args.out, results)

@@ -1,13 +1,15 @@
 """Per-query results of a long evaluation, saved as they come so that an interrupted run resumes.
 
 Each process keeps its own file `<work_dir>/process_<i>.npz` holding, for its queries, fixed-shape
-arrays per query plus a `done` flag; a `key` (the settings that determine the numbers) guards against
-resuming with different settings.
+arrays per query plus a `done` flag, and a `key`: everything that determines the numbers (the model's
+fingerprint, the data, the settings). Results written under another key are never reused: the run
+starts over, saying which part of the key differs.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Dict, Sequence, Tuple
 
@@ -24,7 +26,7 @@ class QueryProgress:
     process_index: this process (one file per process).
     fields: name -> (shape per query, dtype).
     num_queries: local queries.
-    key: JSON-able settings; a stored file with another key is refused.
+    key: JSON-able dict of what determines the numbers; a stored file with another key is discarded.
     save_every_s: minimum seconds between saves (the last save is forced by `flush`).
   """
 
@@ -49,7 +51,9 @@ class QueryProgress:
     except (OSError, ValueError, KeyError) as e:
       raise DataError(f'cannot resume from {self.path} ({e}); delete it to start over') from None
     if stored_key != self.key:
-      raise DataError(f'{self.path} was written with other settings ({stored_key}); delete it to start over')
+      print(f'note: {self.path} holds results of another run (differs in: {_differing(stored_key, self.key)}); '
+            'starting over', file=sys.stderr, flush=True)
+      return
     if done.shape != self.done.shape or any(arrays[n].shape != a.shape for n, a in self.arrays.items()):
       raise DataError(f'{self.path} has results of another shape; delete it to start over')
     self.arrays, self.done = arrays, done
@@ -66,3 +70,14 @@ class QueryProgress:
     np.savez(tmp, key=np.array(self.key), done=self.done, **self.arrays)
     os.replace(tmp, self.path)
     self._last_save = time.monotonic()
+
+
+def _differing(stored_key: str, key: str) -> str:
+  """The top-level entries in which two JSON keys differ, for messages."""
+  try:
+    stored, current = json.loads(stored_key), json.loads(key)
+  except ValueError:
+    return 'its settings'
+  if not isinstance(stored, dict) or not isinstance(current, dict):
+    return 'its settings'
+  return ', '.join(sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))) or 'its settings'

@@ -106,6 +106,22 @@ positive_int = _number_type(int, lambda v: v >= 1, 'a positive integer')
 nonnegative_int = _number_type(int, lambda v: v >= 0, 'an integer >= 0')
 positive_float = _number_type(float, lambda v: v > 0, 'a positive number')
 open_unit_float = _number_type(float, lambda v: 0.0 < v < 1.0, 'a number in (0, 1)')
+size16 = _number_type(int, lambda v: v >= FEATURE_STRIDE and v % FEATURE_STRIDE == 0,
+                      f'a positive multiple of {FEATURE_STRIDE}')
+
+
+def output_file(text: str) -> str:
+  """An output file path: not an existing directory."""
+  if os.path.isdir(text):
+    raise argparse.ArgumentTypeError(f'{text} is a directory; give a file name')
+  return text
+
+
+def output_dir(text: str) -> str:
+  """An output directory path: not an existing file."""
+  if os.path.exists(text) and not os.path.isdir(text):
+    raise argparse.ArgumentTypeError(f'{text} is a file; give a directory')
+  return text
 
 
 class _ImageSizeAction(argparse.Action):
@@ -131,6 +147,56 @@ class _ImageSizeAction(argparse.Action):
     setattr(namespace, self.dest, (height, width))
 
 
+# -- config values (the keys of ml_collections configs) --------------------------------------------------------
+
+def _check_value(kind: str, value) -> Optional[str]:
+  """None when `value` is acceptable for `kind`, else what was expected."""
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  integer = isinstance(value, int) and not isinstance(value, bool)
+  if kind == 'count':
+    return None if integer and value >= 1 else 'an integer >= 1'
+  if kind == 'count0':
+    return None if integer and value >= 0 else 'an integer >= 0'
+  if kind == 'positive':
+    return None if number and value > 0 else 'a number > 0'
+  if kind == 'nonneg':
+    return None if number and value >= 0 else 'a number >= 0'
+  if kind == 'fraction':
+    return None if number and 0.0 <= value <= 1.0 else 'a number in [0, 1]'
+  if kind == 'rate':
+    return None if number and 0.0 <= value < 1.0 else 'a number in [0, 1)'
+  if kind == 'open01':
+    return None if number and 0.0 < value <= 1.0 else 'a number in (0, 1]'
+  if kind == 'size16':
+    return None if integer and value >= FEATURE_STRIDE and value % FEATURE_STRIDE == 0 else (
+        f'a positive multiple of {FEATURE_STRIDE}')
+  if kind.startswith('counts'):  # counts>=N: a sequence of integers >= N
+    low = int(kind[len('counts>='):]) if '>=' in kind else 1
+    ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= low
+                                                  for v in value)
+    return None if ok else f'a list of integers >= {low}'
+  if kind.startswith('in:'):
+    options = kind[3:].split('|')
+    return None if value in options else f'one of {", ".join(options)}'
+  raise ValueError(f'unknown check {kind!r}')
+
+
+def check_config_values(config, rules: Dict[str, str], prefix: str = 'config.') -> None:
+  """ConfigError naming the first key of `config` whose value breaks its rule.
+
+  rules: dotted key -> 'count' (integer >= 1), 'count0' (>= 0), 'positive', 'nonneg', 'fraction'
+  ([0, 1]), 'rate' ([0, 1)), 'open01' ((0, 1]), 'size16' (positive multiple of 16), 'counts>=N' (a list
+  of integers >= N), 'in:a|b' (one of the names).
+  """
+  for key, kind in rules.items():
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    expected = _check_value(kind, node)
+    if expected:
+      raise errors.ConfigError(f'{prefix}{key}={node!r}: expected {expected}')
+
+
 # -- shared flags ------------------------------------------------------------------------------------------
 
 def add_checkpoint(parser: Parser, required: bool = True, help: str = 'model checkpoint directory') -> None:
@@ -141,8 +207,11 @@ def add_data_dir(parser: Parser, help: str, required: bool = True) -> None:
   parser.add_argument('--data-dir', required=required, help=help)
 
 
-def add_out(parser: Parser, help: str, default: Optional[str] = None, required: bool = False) -> None:
-  parser.add_argument('--out', default=default, required=required, help=help)
+def add_out(parser: Parser, help: str, default: Optional[str] = None, required: bool = False,
+            kind: str = 'file') -> None:
+  """`--out`: a file (not an existing directory) or, with kind='dir', a directory (not an existing file)."""
+  parser.add_argument('--out', default=default, required=required, help=help,
+                      type=output_dir if kind == 'dir' else output_file)
 
 
 def add_batch_size(parser: Parser, default: int, help: str) -> None:
@@ -166,12 +235,34 @@ def add_multihost(parser: Parser) -> None:
 
 # -- running -------------------------------------------------------------------------------------------------
 
+def _is_closed_loop_callback(unraisable) -> bool:
+  """Orbax reads through tensorstore futures; when a restore fails (a truncated checkpoint), reads still
+  in flight complete after its event loop closed and asyncio reports each as an unraisable
+  `RuntimeError('Event loop is closed')`: noise after the one error line, not a second error."""
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def _install_quiet_hooks() -> None:
+  default = sys.unraisablehook
+  if getattr(default, 'segswap_quiet', False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      default(unraisable)
+
+  hook.segswap_quiet = True
+  sys.unraisablehook = hook
+
+
 def command(function: Callable[[Optional[List[str]]], Optional[int]]) -> Callable[[Optional[List[str]]], int]:
   """Wraps a CLI's `main(argv) -> int`: a UserError becomes `error: ...` and 2; argparse's exits
   (`--help`, a bad flag) become return values, so tests can call `main([...])` directly."""
 
   @functools.wraps(function)
   def wrapper(argv: Optional[List[str]] = None) -> int:
+    _install_quiet_hooks()
     try:
       return int(function(argv) or 0)
     except errors.UserError as e:
@@ -253,6 +344,7 @@ def absl_main(function: Callable[[List[str]], None]) -> Callable[[List[str]], No
 
   @functools.wraps(function)
   def wrapper(argv: List[str]) -> None:
+    _install_quiet_hooks()
     try:
       function(argv)
     except errors.UserError as e:

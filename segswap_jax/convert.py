@@ -361,7 +361,7 @@ def main(argv=None) -> int:
   source.add_argument('--torch-checkpoint', help='.pth / .pth.tar file')
   source.add_argument('--random-init', action='store_true',
                       help='no source: random weights from --seed (for trying the tools end to end)')
-  cli.add_out(parser, 'output checkpoint directory (must not exist or be empty)', required=True)
+  cli.add_out(parser, 'output checkpoint directory (must not exist or be empty)', required=True, kind='dir')
   parser.add_argument('--arch', default='transformer', choices=model_lib.ARCHS,
                       help='matcher of --random-init models (converted files say their own)')
   parser.add_argument('--size', default='small', choices=sorted(model_lib.TRANSFORMER_SIZES))

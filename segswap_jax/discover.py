@@ -220,8 +220,7 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
   start = time.perf_counter()
   pair_set = collection.score_pairs(
       model, images, pairs, cache_dir=os.path.join(out_dir, 'cache'), flip=flip, batch_size=batch_size,
-      features=features, cache_key=dict(checkpoint=os.path.abspath(checkpoint) if checkpoint else '',
-                                        images=names))
+      features=features, cache_key=dict(images=names))
   timings['pairs (s)'] = round(time.perf_counter() - start, 2)
   start = time.perf_counter()
   kwargs = {'max_patterns': max_patterns} if method == 'patterns' else {}
@@ -241,7 +240,7 @@ def main(argv=None) -> int:
                       'python -m segswap_jax.discover --checkpoint CKPT --images my_photos/ --out report/')
   cli.add_checkpoint(parser)
   parser.add_argument('--images', required=True, help='folder of images')
-  cli.add_out(parser, 'report directory (index.html, PNGs, clusters.json)', required=True)
+  cli.add_out(parser, 'report directory (index.html, PNGs, clusters.json)', required=True, kind='dir')
   parser.add_argument('--max-pairs-per-image', type=cli.nonnegative_int, default=10,
                       help='pair each image with its K nearest images by global descriptor (default 10; '
                            '0 = every pair)')

@@ -169,8 +169,9 @@ class SegSwap:
   """
 
   def __init__(self, params: dict, config: ml_collections.ConfigDict, checkpoint_dir: Optional[str] = None,
-               devices: Optional[Sequence[jax.Device]] = None):
+               devices: Optional[Sequence[jax.Device]] = None, digests: Optional[Dict[str, str]] = None):
     self.config = config
+    self._digests = digests
     self.checkpoint_dir = checkpoint_dir
     self.devices = list(devices or jax.local_devices())
     # The compiled functions (shared by every engine of this config and device set) and the parameters
@@ -183,8 +184,22 @@ class SegSwap:
 
   @classmethod
   def load(cls, checkpoint_dir: str, devices: Optional[Sequence[jax.Device]] = None) -> 'SegSwap':
-    params, config = checkpoints.load_model(checkpoint_dir)
-    return cls(params, config, checkpoint_dir, devices)
+    params, config, digests = checkpoints.load_verified(checkpoint_dir)
+    return cls(params, config, checkpoint_dir, devices, digests)
+
+  @property
+  def digests(self) -> Dict[str, str]:
+    """Digests of the parameters ('params', 'backbone', 'matcher'): stored with the checkpoint, or
+    computed once for parameters given in memory."""
+    if self._digests is None:
+      self._digests = checkpoints.model_digests(jax.tree.map(np.asarray, self.params))
+    return self._digests
+
+  @property
+  def fingerprint(self) -> str:
+    """What determines this model's outputs: the parameters' digest and the model config; the key of
+    every cache and resumable result made with it."""
+    return checkpoints.model_fingerprint(self.digests, self.config)
 
   @property
   def num_devices(self) -> int:

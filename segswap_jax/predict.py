@@ -57,12 +57,14 @@ def main(argv=None) -> int:
   cli.add_image_size(parser, (480, 640), 'model input size (480 640 is the retrieval size)')
   cli.add_batch_size(parser, 8, 'targets per forward call')
   cli.add_out(parser, 'output .npz', required=True)
-  parser.add_argument('--vis', default=None, help='optional PNG: pairs with masks and correspondences')
+  parser.add_argument('--vis', default=None, type=cli.output_file,
+                      help='optional PNG: pairs with masks and correspondences')
   args = parser.parse_args(argv)
   result = predict(args.checkpoint, args.query, args.targets, tuple(args.image_size), args.batch_size)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  np.savez(args.out, **{k: result[k] for k in NPZ_KEYS})
-  print(f'wrote {args.out}')
+  out = args.out if args.out.endswith('.npz') else args.out + '.npz'  # what np.savez writes
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  np.savez(out, **{k: result[k] for k in NPZ_KEYS})
+  print(f'wrote {out}')
   for name, score in zip(args.targets, result['scores']):
     print(f'  {score:10.4f}  {name}')
   if args.vis:

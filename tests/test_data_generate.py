@@ -10,7 +10,7 @@ import pytest
 from data_pipeline import builder
 from data_pipeline import generate
 from data_pipeline import shards
-from segswap_jax.errors import DataError
+from segswap_jax.errors import ConfigError, DataError
 import test_data_support as support
 from test_data_support import small_dataset  # noqa: F401 (fixture)
 
@@ -91,12 +91,12 @@ def test_corrupt_and_small_images_are_skipped_and_counted(tmp_path, capfd):
   config = support.small_config(source='folder', source_dir=str(folder), num_pairs=10)
   path = generate.generate(config, str(tmp_path / 'data'))
   skipped = builder.load_builder(path).info.metadata['skipped_images']
-  assert skipped == {str(folder / 'broken.jpg'): 'not a readable image (corrupt or unsupported format)',
+  assert skipped == {str(folder / 'broken.jpg'): 'unreadable or corrupt image (OSError)',
                      str(folder / 'thumb.png'): 'too small (40x40 px; need at least 64 px on the '
                                                 'short side)'}
   assert len(read_all(path, 'train')) == 10
   err = capfd.readouterr().err
-  assert f'warning: skipped image {folder / "broken.jpg"}: not a readable image' in err
+  assert f'warning: skipped image {folder / "broken.jpg"}: unreadable or corrupt image' in err
   assert '2 unusable image(s) were skipped' in err
 
 
@@ -112,8 +112,10 @@ def test_generation_from_coco(tmp_path):
 
 
 def test_bad_config_values_are_refused(tmp_path):
-  with pytest.raises(DataError, match='multiple of 16'):
+  with pytest.raises(ConfigError, match=r'config.image_size=100: expected a positive multiple of 16'):
     generate.generate(support.small_config(image_size=100), str(tmp_path))
+  with pytest.raises(ConfigError, match=r'config.num_workers=-3: expected an integer >= 0'):
+    generate.generate(support.small_config(num_workers=-3), str(tmp_path))
   with pytest.raises(DataError, match='source "folder" needs --config.source_dir'):
     generate.generate(support.small_config(source='folder'), str(tmp_path))
 

@@ -39,7 +39,7 @@ def images():
   return c
 
 
-def test_score_pairs_matches_the_model_and_resumes(model, images, tmp_path):
+def test_score_pairs_matches_the_model_and_resumes(model, images, tmp_path, capsys):
   pairs = np.array([[0, 1], [0, 2], [1, 3], [2, 3]])
   cache = str(tmp_path / 'cache')
   result = collection.score_pairs(model, images.images, pairs, cache_dir=cache, flip='none', batch_size=2,
@@ -63,9 +63,13 @@ def test_score_pairs_matches_the_model_and_resumes(model, images, tmp_path):
                                  chunk_pairs=2, keep_all=True)
   assert os.path.getmtime(chunks[0]) == stamp
   np.testing.assert_allclose(again.out_a, result.out_a)
-  with pytest.raises(errors.DataError, match='flip'):
-    collection.score_pairs(model, images.images, pairs, cache_dir=cache, flip='corrected', batch_size=2,
-                           chunk_pairs=2, keep_all=True)
+  # Other settings: the stale chunks are computed again (never reused), and the note says what differed.
+  capsys.readouterr()
+  flipped = collection.score_pairs(model, images.images, pairs, cache_dir=cache, flip='corrected', batch_size=2,
+                                   chunk_pairs=2, keep_all=True)
+  assert 'differs in: flip' in capsys.readouterr().err
+  fresh = collection.score_pairs(model, images.images, pairs, flip='corrected', batch_size=2, keep_all=True)
+  np.testing.assert_allclose(flipped.out_a, fresh.out_a)
 
 
 def test_flip_keeps_the_better_mirror(model, images):

@@ -9,6 +9,7 @@ import pytest
 import skimage
 
 from eval import feature_cache, place_formats
+from segswap_jax import checkpoints
 from segswap_jax import images
 from segswap_jax.errors import DataError
 
@@ -113,5 +114,5 @@ def test_resolve_swaps_extension_and_fingerprint_changes_with_values(image_dir):
   tree = {'a': np.zeros(3, np.float32), 'b': {'c': np.ones((2, 2))}}
   same = {'a': np.zeros(3, np.float32), 'b': {'c': np.ones((2, 2))}}
   changed = {'a': np.zeros(3, np.float32), 'b': {'c': np.full((2, 2), 2.0)}}
-  assert feature_cache.fingerprint_tree(tree) == feature_cache.fingerprint_tree(same)
-  assert feature_cache.fingerprint_tree(tree) != feature_cache.fingerprint_tree(changed)
+  assert checkpoints.tree_digest(tree) == checkpoints.tree_digest(same)
+  assert checkpoints.tree_digest(tree) != checkpoints.tree_digest(changed)

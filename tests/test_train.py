@@ -119,10 +119,18 @@ def test_resume_ends_with_the_same_parameters(train_dataset, uninterrupted, tmp_
   workdir = str(tmp_path / 'resumed')
   first = loop.train_and_evaluate(tiny_config(train_dataset, num_epochs=2), workdir)   # 5 steps
   assert first['steps'] == 5
-  second = loop.train_and_evaluate(tiny_config(train_dataset), workdir)                # 5 -> 8
+  # Training longer is a change of settings: refused unless named, then recorded with its step.
+  with pytest.raises(errors.ConfigError, match=r'num_epochs \(2 -> 3\).*--config.allow_changes=num_epochs'):
+    loop.train_and_evaluate(tiny_config(train_dataset), workdir)
+  second = loop.train_and_evaluate(tiny_config(train_dataset, allow_changes='num_epochs'), workdir)   # 5 -> 8
   assert second['steps'] == 8
   assert_trees_equal(final_params(workdir), final_params(uninterrupted[0]))
   assert train_losses(workdir) == train_losses(uninterrupted[0])
+  with open(os.path.join(workdir, 'config_history.jsonl')) as f:
+    history = [json.loads(line) for line in f]
+  assert history == [{'step': 5, 'changes': {'num_epochs': {'from': 2, 'to': 3},
+                                             'num_train_steps': {'from': 5, 'to': 8}}}]
+  assert json.load(open(os.path.join(workdir, 'config.json')))['num_epochs'] == 3
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(train_dataset, uninterrupted,

@@ -45,8 +45,29 @@ def build_model_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return model_config
 
 
+# Every value a training config holds, and what it may be (`cli.check_config_values`).
+RULES = {
+    'seed': 'count0', 'batch_pos': 'count', 'batch_neg': 'count0', 'warmup_steps': 'count0',
+    'steps_per_epoch': 'count', 'num_epochs': 'count', 'learning_rate': 'positive', 'weight_decay': 'nonneg',
+    'grad_clip_norm': 'nonneg', 'lr_decay_factor': 'positive', 'lr_decay_epochs': 'counts>=0',
+    'eta_corr': 'nonneg', 'swap_prob': 'fraction', 'corr_cells': 'in:peak|foreground',
+    'log_every_steps': 'count', 'checkpoint_every_steps': 'count', 'keep_checkpoints': 'count',
+    'eval_every_steps': 'count0', 'eval_num_pairs': 'count0', 'eval_batch_size': 'count',
+    'brueghel_batch_size': 'count', 'brueghel_db_size': 'size16', 'brueghel_box_size': 'count',
+    'vis_num_pairs': 'count0',
+    'data.image_size': 'size16', 'data.num_workers': 'count0', 'data.num_threads': 'count',
+    'data.p_style': 'fraction', 'data.p_tps': 'fraction', 'data.p_pad': 'fraction', 'data.tps_grids': 'counts>=2',
+    'model.dropout': 'rate', 'model.drop_feat': 'rate', 'model.pos_weight': 'nonneg', 'model.feat_weight': 'nonneg',
+    'model.backbone_widths': 'counts>=1', 'model.arch': 'in:transformer|ncnet',
+    'model.ncnet_relocalization': 'count0', 'model.ncnet_conv': 'in:4d|3d',
+    'hard_mining.pool_size': 'count', 'hard_mining.round_steps': 'count', 'hard_mining.num_hard': 'count',
+    'hard_mining.zero_below': 'nonneg', 'hard_mining.min_score': 'nonneg', 'hard_mining.batch_size': 'count',
+}
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Refuses settings the loop cannot run with, naming the key."""
+  """Refuses settings the loop cannot run with, naming the key (all of them, before the first step)."""
+  cli.check_config_values(config, RULES)
   if config.batch_pos < 1:
     raise errors.ConfigError(f'config.batch_pos must be >= 1, got {config.batch_pos}')
   if config.batch_neg > config.batch_pos * (config.batch_pos - 1) or config.batch_neg < 0:
@@ -59,9 +80,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.hard_mining.enabled and config.train_backbone:
     raise errors.ConfigError('hard mining keeps mined features across a round: it needs a frozen backbone '
                              '(config.train_backbone=False)')
-  if config.data.image_size % model_lib.FEATURE_STRIDE:
-    raise errors.ConfigError(f'config.data.image_size={config.data.image_size} is not a multiple of '
-                             f'{model_lib.FEATURE_STRIDE}')
+  if config.hard_mining.enabled and config.hard_mining.pool_size < 2:
+    raise errors.ConfigError(f'config.hard_mining.pool_size={config.hard_mining.pool_size}: a pool needs at least 2 '
+                             'images')
 
 
 def training_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -174,7 +174,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   store_lib.check_workdir(workdir, model_config, config)
   dataset_dir = prepare_dataset(config, workdir)
   check_dataset(dataset_dir, config)
-  store_lib.record_configs(workdir, model_config, config)
 
   settings = config_lib.training_settings(config)
   state, frozen = step_lib.create_train_state(initial_model_params(config, model_config), settings)
@@ -187,6 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     host_state = store.restore(start_step, host_state, data_iterator)
     print(f'resuming from {workdir} at step {start_step}', flush=True)
   start_step = int(host_state.step)
+  store_lib.record_configs(workdir, model_config, config, start_step)
 
   devices = jax.local_devices()
   state = step_lib.replicate(host_state, devices)

@@ -13,6 +13,7 @@ import shutil
 from typing import Optional
 
 import jax
+import numpy as np
 
 from segswap_jax import checkpoints
 from segswap_jax import errors
@@ -21,12 +22,20 @@ from segswap_jax.training import config as config_lib
 from segswap_jax.training import step as step_lib
 
 
+DIGESTS_FILE = 'digests.json'
+
+
 class CheckpointStore:
-  """Orbax CheckpointManager of the train state and the data iterators (one state file per process)."""
+  """Orbax CheckpointManager of the train state and the data iterators (one state file per process).
+
+  Each saved train state's digest (`checkpoints.tree_digest`) goes to `digests.json` beside the step
+  folders and is checked at restore: a corrupted or truncated step is refused, naming its folder.
+  """
 
   def __init__(self, directory: str, keep: int):
     import orbax.checkpoint as ocp
     self._ocp = ocp
+    self.directory = directory
     self.manager = ocp.CheckpointManager(
         directory, item_names=('state', 'data'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -34,9 +43,27 @@ class CheckpointStore:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def _digests(self) -> dict:
+    path = os.path.join(self.directory, DIGESTS_FILE)
+    if not os.path.isfile(path):
+      return {}
+    try:
+      with open(path) as f:
+        return dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+      raise errors.CheckpointError(f'{path}: unreadable ({type(e).__name__}); delete it to resume without '
+                                   'verifying the checkpoints') from e
+
   def save(self, step: int, host_state, data_iterator) -> None:
     import grain
     ocp = self._ocp
+    if jax.process_index() == 0:
+      digests = self._digests()
+      digests[str(step)] = checkpoints.tree_digest(host_state)
+      path = os.path.join(self.directory, DIGESTS_FILE)
+      with open(path + '.tmp', 'w') as f:
+        json.dump(digests, f, indent=1, sort_keys=True)
+      os.replace(path + '.tmp', path)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(host_state), data=grain.checkpoint.CheckpointSave(data_iterator)),
         force=True)
@@ -44,15 +71,25 @@ class CheckpointStore:
   def restore(self, step: int, host_state_target, data_iterator):
     import grain
     ocp = self._ocp
+    step_dir = os.path.join(self.directory, str(step))
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(host_state_target),
           data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    except Exception as e:  # Orbax raises several types for trees that do not match
+    except Exception as e:  # Orbax raises several types for corrupt trees or trees that do not match
       first = str(e).splitlines()[0] if str(e) else ''
-      raise errors.CheckpointError(f'cannot restore checkpoint step {step} of {self.manager.directory}: '
-                                   f'{type(e).__name__}: {first}') from e
-    return restored.state
+      self.close()
+      raise errors.CheckpointError(f'{step_dir}: cannot restore this training checkpoint (truncated, corrupted '
+                                   f'or of another model; {type(e).__name__}: {first}); delete the step folder '
+                                   'to resume from an earlier one') from None
+    state = jax.tree.map(np.asarray, restored.state)
+    expected = self._digests().get(str(step))
+    if expected is not None and checkpoints.tree_digest(state) != expected:
+      self.close()
+      raise errors.CheckpointError(f'{step_dir}: the train state does not match the digest written with it (the '
+                                   'files are corrupted); delete the step folder to resume from an earlier one')
+    checkpoints.check_finite(state.params, step_dir)
+    return state
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -76,33 +113,93 @@ def export_model(directory: str, trainable, frozen, model_config, metadata: dict
   multihost.barrier(f'export_done:{directory}')
 
 
+# Settings that never change the trained parameters: free to differ when a run resumes.
+BOOKKEEPING_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'data.num_workers',
+                    'data.num_threads', 'eval_batch_size', 'brueghel_batch_size', 'vis_num_pairs', 'allow_changes')
+HISTORY_FILE = 'config_history.jsonl'
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the workdir holds a training checkpoint to resume from (a step folder under checkpoints/)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def setting_changes(workdir: str, config) -> dict:
+  """{key: (stored, now)} for every training setting that differs from the run in `workdir`."""
+  with open(os.path.join(workdir, 'config.json')) as f:
+    stored = _flat(json.load(f))
+  current = _flat(json.loads(config.to_json()))
+  keys = (set(stored) | set(current)) - set(BOOKKEEPING_KEYS)
+  return {k: (stored.get(k), current.get(k)) for k in sorted(keys) if stored.get(k) != current.get(k)}
+
+
+# Keys derived from others in configs/base.py: allowed to change with them.
+DERIVED_KEYS = {'num_train_steps': ('warmup_steps', 'num_epochs', 'steps_per_epoch'),
+                'eval_every_steps': ('steps_per_epoch',)}
+
+
+def allowed_changes(config) -> set:
+  """The keys named in `config.allow_changes`, and the keys derived from them."""
+  named = {k.strip() for k in str(config.get('allow_changes', '') or '').split(',') if k.strip()}
+  return named | {k for k, sources in DERIVED_KEYS.items() if named & set(sources)}
+
+
 def check_workdir(workdir: str, model_config, config) -> None:
-  """A workdir that holds a run must hold one of the same model (read-only: nothing is written)."""
-  path = os.path.join(workdir, 'model_config.json')
-  if not os.path.isfile(path):
-    return
-  with open(path) as f:
+  """A workdir that holds a run (a checkpoint) must hold one of the same model and settings.
+
+  Model settings can never change; a training setting may change only when named in
+  `config.allow_changes` (recorded by `record_configs`). Read-only: nothing is written.
+  """
+  if not has_checkpoint(workdir) or not os.path.isfile(os.path.join(workdir, 'model_config.json')):
+    return  # a fresh workdir, or one whose first start failed before any checkpoint: nothing to resume
+  with open(os.path.join(workdir, 'model_config.json')) as f:
     found = json.load(f)
   differ = config_lib.config_differences(found, json.loads(model_config.to_json()))
   if differ:
     raise errors.ConfigError(f'{workdir} holds a run of another model (differs in: {", ".join(differ)}); '
                              'use a new --workdir or the same model settings')
-  with open(os.path.join(workdir, 'config.json')) as f:
-    found_train = json.load(f).get('train_backbone')
-  if found_train != config.train_backbone:
-    raise errors.ConfigError(f'{workdir} holds a run with train_backbone={found_train}; use a new --workdir')
+  changes = setting_changes(workdir, config)
+  refused = {k: v for k, v in changes.items() if k not in allowed_changes(config)}
+  if refused:
+    listed = ', '.join(f'{k} ({old!r} -> {new!r})' for k, (old, new) in refused.items())
+    raise errors.ConfigError(f'{workdir} holds a run with other settings: {listed}; resume with the same ones, '
+                             f'or allow the change with --config.allow_changes={",".join(refused)}')
 
 
-def record_configs(workdir: str, model_config, config) -> None:
-  """Writes config.json and model_config.json on a workdir's first run (process 0)."""
-  path = os.path.join(workdir, 'model_config.json')
-  if os.path.isfile(path) or jax.process_index() != 0:
+def record_configs(workdir: str, model_config, config, step: int = 0) -> None:
+  """Writes config.json and model_config.json for the run in `workdir` (process 0).
+
+  On a resume with allowed changes, the changed settings and the step they take effect at are appended
+  to config_history.jsonl and config.json is rewritten with the settings now in force.
+  """
+  if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
-  with open(path, 'w') as f:
-    f.write(model_config.to_json(indent=2, sort_keys=True))
+  config_path = os.path.join(workdir, 'config.json')
+  if has_checkpoint(workdir) and os.path.isfile(config_path):
+    changes = {k: v for k, v in setting_changes(workdir, config).items() if k in allowed_changes(config)}
+    if not changes:
+      return
+    with open(os.path.join(workdir, HISTORY_FILE), 'a') as f:
+      f.write(json.dumps({'step': int(step), 'changes': {k: {'from': old, 'to': new}
+                                                        for k, (old, new) in changes.items()}},
+                         sort_keys=True) + '\n')
+  for path, text in ((config_path, config.to_json(indent=2, sort_keys=True)),
+                     (os.path.join(workdir, 'model_config.json'), model_config.to_json(indent=2, sort_keys=True))):
+    with open(path + '.tmp', 'w') as f:
+      f.write(text)
+    os.replace(path + '.tmp', path)
 
 
 def read_json(path: str):
