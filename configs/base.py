@@ -39,6 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.ncnet_channels = (16, 16, 1)
   config.model.ncnet_relocalization = 0      # 2: consensus on the correlation max-pooled by 2
   config.model.ncnet_conv = '4d'             # Conv4d as one 4-D convolution, or '3d' (a sum of 3-D ones)
+  # Compute policy (docs/performance.md): bfloat16 matrix products on accelerators (parameters,
+  # optimiser state, softmax, norms and losses stay float32); attention_impl 'xla' | 'cudnn' | 'einsum';
+  # attention_dropout=False drops the reference's attention-weight dropout (fused kernels have none).
+  config.model.compute_dtype = 'float32'
+  config.model.attention_impl = 'xla'
+  config.model.attention_dropout = True
 
   # -- initialisation ---------------------------------------------------------------------------------------
   config.backbone_checkpoint = ''       # converted MoCo-v2 (python -m segswap_jax.convert); '' = random
@@ -67,6 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
                            + (config.get_ref('num_epochs') - 1) * config.get_ref('steps_per_epoch'))
   config.lr_decay_epochs = (50,)        # lr x lr_decay_factor after these epochs
   config.lr_decay_factor = 0.05
+
+  # -- accelerator housekeeping (docs/performance.md) ---------------------------------------------------
+  config.dropout_rng_impl = 'threefry'  # or 'rbg' / 'unsafe_rbg': cheaper random bits for dropout
+  config.prefetch_batches = 2           # batches put on the devices ahead of the step
+  config.profile_steps = ()             # (first, last): a jax.profiler trace of these steps in workdir/profile
+  config.compilation_cache_dir = ''     # persistent XLA cache; '' = ~/.cache/segswap_jax/xla
 
   # -- bookkeeping ------------------------------------------------------------------------------------------
   config.log_every_steps = 100

@@ -14,7 +14,8 @@ Per sample, with the sample's own random generator:
   3. with probability `p_pad` (0.5) the background tokens of B (mask_b < 0.5) become key padding
      (`pad_b` True); never all of them (a query needs at least one key), so a pair whose B mask is
      everywhere < 0.5 keeps every token;
-  4. images are ImageNet-normalised float32.
+  4. images stay uint8 RGB: the train step normalises them on the device (a quarter of the bytes of
+     float32 to copy).
 In-batch negatives and the per-batch A/B swap are NOT formed here: they belong to the train step, which
 sees the whole batch (docs/INTERFACES.md "Training batches").
 """
@@ -31,10 +32,7 @@ import numpy as np
 from data_pipeline import builder
 from segswap_jax.errors import DataError
 from segswap_jax import geometry
-from segswap_jax.features import IMAGENET_MEAN, IMAGENET_STD
 
-_MEAN = np.asarray(IMAGENET_MEAN, np.float32) * 255.0
-_INV_STD = 1.0 / (np.asarray(IMAGENET_STD, np.float32) * 255.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +42,6 @@ class AugmentConfig:
   p_tps: float = 0.5
   tps_grids: Tuple[int, ...] = (4, 6)
   p_pad: float = 0.5
-
-
-def normalize(image: np.ndarray) -> np.ndarray:
-  """RGB uint8 `(H, W, 3)` -> ImageNet-normalised float32 (same numbers as `features.normalize_images`)."""
-  # OpenCV's per-channel scalar ops: the same float32 arithmetic as numpy's, 4x faster.
-  return cv2.multiply(cv2.subtract(image.astype(np.float32), (*_MEAN.tolist(), 0.0)),
-                      (*_INV_STD.tolist(), 0.0))
 
 
 class ThinPlateSpline:
@@ -182,7 +173,8 @@ def augment_pair(example: Dict[str, object], rng: np.random.Generator, config: A
                  image_size: int) -> Dict[str, np.ndarray]:
   """One stored example (JPEG bytes or arrays) -> one training sample of docs/INTERFACES.md.
 
-  Returns: image_a, image_b float32 `(H, W, 3)`; corr_a, corr_b float32 `(h, w, 2)`; mask_a, mask_b
+  Returns: image_a, image_b uint8 RGB `(H, W, 3)` (the train step normalises them on the device);
+  corr_a, corr_b float32 `(h, w, 2)`; mask_a, mask_b
   float32 `(h, w)`; pad_b bool `(h, w)`; scenes int32 `(2,)` (`scene_ids`).
   """
   image_a = _decode(example, 'image_a_styled' if rng.random() < config.p_style else 'image_a')
@@ -195,7 +187,7 @@ def augment_pair(example: Dict[str, object], rng: np.random.Generator, config: A
     image_b = warp_image(image_b, tps)
     corr_a, corr_b, mask_b = warp_ground_truth(tps, corr_a, corr_b, mask_b)
   pad_b = key_padding(mask_b) if rng.random() < config.p_pad else np.zeros(mask_b.shape, bool)
-  return {'image_a': normalize(image_a), 'image_b': normalize(image_b), 'corr_a': corr_a,
+  return {'image_a': image_a, 'image_b': image_b, 'corr_a': corr_a,
           'corr_b': corr_b, 'mask_a': mask_a, 'mask_b': mask_b, 'pad_b': pad_b,
           'scenes': scene_ids(example)}
 
@@ -213,7 +205,7 @@ def eval_pair(example: Dict[str, object], index: int, image_size: int,
   image_b = _decode(example, 'image_b_styled' if styled_b else 'image_b')
   check_size(image_a, image_size)
   mask_b = np.asarray(example['mask_b'])
-  return {'image_a': normalize(image_a), 'image_b': normalize(image_b),
+  return {'image_a': image_a, 'image_b': image_b,
           'corr_a': np.asarray(example['corr_a']), 'corr_b': np.asarray(example['corr_b']),
           'mask_a': np.asarray(example['mask_a']), 'mask_b': mask_b,
           'pad_b': np.zeros(mask_b.shape, bool), 'scenes': scene_ids(example)}

@@ -4,7 +4,7 @@
   normalization='denormalized'  (x / 255) * std + mean: what the released Tokyo/Pitts candidate loader and
                                 Internet loader feed (the inverse of the normalisation, a bug kept as a
                                 switch for parity; docs/reference.md §9)
-  normalization='none'          the images are already model inputs (the training loader normalises)
+  normalization='none'          the images are already model inputs (float, normalised by the caller)
 
 Backbone features are L2-normalised over channels (`F.normalize(x, dim=1)`, eps 1e-12) before the
 transformer and before scoring, everywhere.
@@ -47,9 +47,3 @@ def l2_normalize(features: jax.Array, eps: float = 1e-12) -> jax.Array:
 def backbone_features(backbone, backbone_vars, images: jax.Array, normalization: str = 'imagenet') -> jax.Array:
   """Images `(B, H, W, 3)` -> L2-normalised features `(B, H/16, W/16, C)` (traceable, jit it)."""
   return l2_normalize(backbone.apply(backbone_vars, model_inputs(images, normalization)))
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """ImageNet-normalised float `(..., H, W, 3)` -> RGB uint8 (for pictures of training inputs)."""
-  pixels = images * (np.asarray(IMAGENET_STD) * 255.0) + np.asarray(IMAGENET_MEAN) * 255.0
-  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)

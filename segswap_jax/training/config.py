@@ -23,7 +23,8 @@ def build_model_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
     model_config = model_lib.model_config(spec.size, spec.block_types or None, spec.get('arch', 'transformer'))
   except errors.ConfigError as e:
     raise errors.ConfigError(f'config.model: {e}') from e
-  for key in ('dropout', 'drop_feat', 'pos_weight', 'feat_weight', 'backbone'):
+  for key in ('dropout', 'drop_feat', 'pos_weight', 'feat_weight', 'backbone', 'compute_dtype', 'attention_impl',
+              'attention_dropout'):
     model_config[key] = spec[key]
   model_config.backbone_widths = tuple(int(w) for w in spec.backbone_widths)
   if spec.backbone == 'small_convnet':
@@ -60,6 +61,8 @@ RULES = {
     'model.dropout': 'rate', 'model.drop_feat': 'rate', 'model.pos_weight': 'nonneg', 'model.feat_weight': 'nonneg',
     'model.backbone_widths': 'counts>=1', 'model.arch': 'in:transformer|ncnet',
     'model.ncnet_relocalization': 'count0', 'model.ncnet_conv': 'in:4d|3d',
+    'model.compute_dtype': 'in:float32|bfloat16', 'model.attention_impl': 'in:xla|cudnn|einsum',
+    'dropout_rng_impl': 'in:threefry|rbg|unsafe_rbg', 'prefetch_batches': 'count0', 'profile_steps': 'counts>=0',
     'hard_mining.pool_size': 'count', 'hard_mining.round_steps': 'count', 'hard_mining.num_hard': 'count',
     'hard_mining.zero_below': 'nonneg', 'hard_mining.min_score': 'nonneg', 'hard_mining.batch_size': 'count',
 }
@@ -77,6 +80,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(f'config.num_train_steps must be >= 1, got {config.num_train_steps}')
   if config.corr_cells not in losses.CORR_CELLS:
     raise errors.ConfigError(f'config.corr_cells must be one of {losses.CORR_CELLS}, got {config.corr_cells!r}')
+  profile = tuple(config.get('profile_steps', ()))
+  if profile and (len(profile) != 2 or profile[0] > profile[1]):
+    raise errors.ConfigError(f'config.profile_steps={profile}: expected (first, last) with first <= last, or ()')
   if config.hard_mining.enabled and config.train_backbone:
     raise errors.ConfigError('hard mining keeps mined features across a round: it needs a frozen backbone '
                              '(config.train_backbone=False)')
@@ -88,7 +94,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def training_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The flat settings the train step reads, with the decay epochs turned into steps."""
   settings = ml_collections.ConfigDict({
-      key: config[key] for key in ('seed', 'batch_pos', 'batch_neg', 'warp_mask', 'eta_corr', 'corr_cells',
+      key: config[key] for key in ('seed', 'dropout_rng_impl', 'batch_pos', 'batch_neg', 'warp_mask', 'eta_corr', 'corr_cells',
                                    'drop_shared_scene_negatives',
                                    'swap_prob', 'train_backbone', 'learning_rate', 'weight_decay',
                                    'grad_clip_norm', 'warmup_steps')})

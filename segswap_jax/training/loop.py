@@ -29,12 +29,14 @@ from data_pipeline import augment
 from data_pipeline import builder
 from data_pipeline import loader as loader_lib
 from segswap_jax import checkpoints
+from segswap_jax import compilation_cache
 from segswap_jax import errors
 from segswap_jax import model as model_lib
 from segswap_jax import multihost
 from segswap_jax import visualize
 from segswap_jax.training import config as config_lib
 from segswap_jax.training import metrics as metrics_lib
+from segswap_jax.training import prefetch
 from segswap_jax.training import step as step_lib
 from segswap_jax.training import store as store_lib
 from segswap_jax.training import validation
@@ -107,9 +109,9 @@ def initial_model_params(config: ml_collections.ConfigDict, model_config) -> dic
     loaded, loaded_config = checkpoints.load_model(path)
     differ = config_lib.config_differences(
         loaded_config.to_dict(), model_config.to_dict(),
-        ignore=('dropout', 'drop_feat') if part is None else
+        ignore=model_lib.COMPUTE_POLICY_KEYS + (('dropout', 'drop_feat') if part is None else
         ('size', 'block_types', 'd_model', 'num_heads', 'dim_feedforward', 'num_blocks', 'dropout',
-         'drop_feat', 'pos_weight', 'feat_weight'))
+         'drop_feat', 'pos_weight', 'feat_weight')))
     if differ:
       raise errors.ConfigError(f'config.{key}: {path} is a model with other settings ({", ".join(differ)})')
     if part is None:
@@ -123,6 +125,29 @@ def initial_model_params(config: ml_collections.ConfigDict, model_config) -> dic
 
 
 # -- the loop -------------------------------------------------------------------------------------------
+
+class Profiler:
+  """A `jax.profiler` trace of the steps `first..last` (config.profile_steps) in `directory`
+  (TensorBoard's profile plugin or Perfetto read it)."""
+
+  def __init__(self, steps, directory: str):
+    self.first, self.last = (int(steps[0]), int(steps[-1])) if len(steps) else (-1, -1)
+    self.directory = directory
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if step == self.first and not self.active and jax.process_index() == 0:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    """`step` steps are done."""
+    if self.active and step > self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      print(f'profile of steps {self.first}..{self.last}: {self.directory}', file=sys.stderr, flush=True)
+
 
 class _Preemption:
   """Remembers a SIGTERM so the loop can save and stop between steps."""
@@ -170,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """
   workdir = os.path.abspath(workdir)
   config_lib.check_config(config)
+  compilation_cache.enable(config.get('compilation_cache_dir', ''))
   model_config = config_lib.build_model_config(config)
   store_lib.check_workdir(workdir, model_config, config)
   dataset_dir = prepare_dataset(config, workdir)
@@ -189,6 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   store_lib.record_configs(workdir, model_config, config, start_step)
 
   devices = jax.local_devices()
+  batches = prefetch.DevicePrefetch(data_iterator, config.prefetch_batches, devices)
   state = step_lib.replicate(host_state, devices)
   frozen = step_lib.replicate(host_frozen, devices)
   del host_state
@@ -245,9 +272,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   step = start_step
   progress = _progress_bar(start_step, config.num_train_steps)
   preemption = _Preemption()
+  profiler = Profiler(config.profile_steps, os.path.join(workdir, 'profile'))
   with preemption.installed():
     while step < config.num_train_steps:
-      batch = next(data_iterator)
+      profiler.before(step)
+      batch = next(batches)
       if miner is not None:
         batch.update(miner.negatives(step, model_params))
         if step % config.hard_mining.round_steps == 0:  # a new round was just scored
@@ -267,9 +296,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         progress.set_postfix(loss=f'{scalars["loss"]:.3f}', corr=f'{scalars["loss_corr"]:.3f}',
                              acc_pos=f'{scalars["acc_pos"]:.2f}', acc_neg=f'{scalars["acc_neg"]:.2f}')
         window, window_start = [], time.time()
-      stop = multihost.any_process(preemption.requested)
-      if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-        store.save(step, step_lib.unreplicate(state), data_iterator)
+      profiler.after(step, state)
+      checkpoint_step = step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
+      # Several processes must agree on the step they stop at, and asking the others costs a collective
+      # that blocks the host from running ahead: only at log and checkpoint steps (one process: free).
+      stop = False
+      if jax.process_count() == 1 or checkpoint_step or step % config.log_every_steps == 0:
+        stop = multihost.any_process(preemption.requested)
+      if stop or checkpoint_step:
+        store.save(step, step_lib.unreplicate(state), batches)
       if stop:
         store.wait()
         progress.close()

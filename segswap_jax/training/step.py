@@ -6,7 +6,8 @@ is how the training loop runs it; with `axis_name=None` it runs under plain `jax
 tests). Why training pmaps while inference jits over a device mesh: `segswap_jax/inference.py`.
 
 Per replica a batch holds B positive pairs (docs/INTERFACES.md "Training batches"):
-  image_a, image_b float32 `(B, H, W, 3)` ImageNet-normalised; corr_a, corr_b `(B, h, w, 2)`;
+  image_a, image_b uint8 `(B, H, W, 3)` RGB, normalised inside the step (a quarter of float32's bytes
+  to the device; already-normalised float32 is accepted too); corr_a, corr_b `(B, h, w, 2)`;
   mask_a, mask_b `(B, h, w)`; pad_b bool `(B, h, w)`; optionally scenes int32 `(B, 2)` (scene ids of A
   and of B's background, to leave out in-batch negatives that share one) and mined negatives as
   features hard_feat_a, hard_feat_b `(M, h, w, C)` (stage 2, `training/hard_mining.py`).
@@ -98,6 +99,21 @@ def create_train_state(model_params: dict, config: ml_collections.ConfigDict) ->
   return state, frozen
 
 
+DROPOUT_RNG_IMPLS = ('threefry', 'rbg', 'unsafe_rbg')
+
+
+def dropout_key(raw_key: jax.Array, impl: str) -> jax.Array:
+  """The dropout key of one step: the threefry `raw_key` itself, or a typed 'rbg' / 'unsafe_rbg' key
+  seeded from it. Dropout draws as many random bits as the activations it masks; threefry spends ~25
+  FLOP per 32 bits, rbg a fraction of that (and 'unsafe_rbg' does not promise independent splits,
+  which dropout never relies on)."""
+  if impl == 'threefry':
+    return raw_key
+  if impl not in DROPOUT_RNG_IMPLS:
+    raise ValueError(f'dropout_rng_impl must be one of {DROPOUT_RNG_IMPLS}, got {impl!r}')
+  return jax.random.wrap_key_data(jax.random.bits(raw_key, (4,), jnp.uint32), impl=impl)
+
+
 def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                     axis_name: Optional[str] = 'batch') -> Callable[[TrainState, Batch, dict],
                                                                    Tuple[TrainState, Metrics]]:
@@ -112,7 +128,8 @@ def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collecti
   def loss_fn(trainable, frozen, batch, rng_swap, rng_dropout):
     params = merge_params(trainable, frozen)
     images = jnp.concatenate([batch['image_a'], batch['image_b']])
-    features = features_lib.backbone_features(backbone, params['backbone'], images, normalization='none')
+    normalization = 'imagenet' if images.dtype == jnp.uint8 else 'none'
+    features = features_lib.backbone_features(backbone, params['backbone'], images, normalization)
     if not config.train_backbone:
       features = jax.lax.stop_gradient(features)
     feat_a, feat_b = jnp.split(features, 2)
@@ -152,6 +169,7 @@ def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collecti
     rng_swap, rng_dropout = jax.random.split(jax.random.fold_in(state.rng, state.step))
     if axis_name is not None:  # the swap coin is shared; dropout differs per device
       rng_dropout = jax.random.fold_in(rng_dropout, jax.lax.axis_index(axis_name))
+    rng_dropout = dropout_key(rng_dropout, config.get('dropout_rng_impl', 'threefry'))
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng_swap, rng_dropout)
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)

@@ -17,6 +17,7 @@ import numpy as np
 
 from segswap_jax import checkpoints
 from segswap_jax import errors
+from segswap_jax import model as model_lib
 from segswap_jax import multihost
 from segswap_jax.training import config as config_lib
 from segswap_jax.training import step as step_lib
@@ -113,9 +114,14 @@ def export_model(directory: str, trainable, frozen, model_config, metadata: dict
   multihost.barrier(f'export_done:{directory}')
 
 
-# Settings that never change the trained parameters: free to differ when a run resumes.
+# Settings that runs started before they existed ran with, at these values.
+ADDED_SETTINGS = {'model.compute_dtype': 'float32', 'model.attention_dropout': True,
+                  'dropout_rng_impl': 'threefry'}
+# Settings that never change the trained parameters (attention_impl: the same function to ~1e-7): free
+# to differ when a run resumes.
 BOOKKEEPING_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'data.num_workers',
-                    'data.num_threads', 'eval_batch_size', 'brueghel_batch_size', 'vis_num_pairs', 'allow_changes')
+                    'data.num_threads', 'eval_batch_size', 'brueghel_batch_size', 'vis_num_pairs', 'allow_changes',
+                    'model.attention_impl', 'profile_steps', 'compilation_cache_dir', 'prefetch_batches')
 HISTORY_FILE = 'config_history.jsonl'
 
 
@@ -141,7 +147,10 @@ def setting_changes(workdir: str, config) -> dict:
     stored = _flat(json.load(f))
   current = _flat(json.loads(config.to_json()))
   keys = (set(stored) | set(current)) - set(BOOKKEEPING_KEYS)
-  return {k: (stored.get(k), current.get(k)) for k in sorted(keys) if stored.get(k) != current.get(k)}
+  # Settings added after a run started hold their defaults in it: a key the stored config lacks at its
+  # default is no change.
+  added = {k for k in set(current) - set(stored) if k in ADDED_SETTINGS and current[k] == ADDED_SETTINGS[k]}
+  return {k: (stored.get(k), current.get(k)) for k in sorted(keys - added) if stored.get(k) != current.get(k)}
 
 
 # Keys derived from others in configs/base.py: allowed to change with them.
@@ -165,7 +174,9 @@ def check_workdir(workdir: str, model_config, config) -> None:
     return  # a fresh workdir, or one whose first start failed before any checkpoint: nothing to resume
   with open(os.path.join(workdir, 'model_config.json')) as f:
     found = json.load(f)
-  differ = config_lib.config_differences(found, json.loads(model_config.to_json()))
+  # The compute policy is a training setting (config.model.*, checked below), not a model difference.
+  differ = config_lib.config_differences(found, json.loads(model_config.to_json()),
+                                         ignore=model_lib.COMPUTE_POLICY_KEYS)
   if differ:
     raise errors.ConfigError(f'{workdir} holds a run of another model (differs in: {", ".join(differ)}); '
                              'use a new --workdir or the same model settings')

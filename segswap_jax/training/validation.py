@@ -20,7 +20,6 @@ import numpy as np
 from data_pipeline import builder
 from data_pipeline import loader as loader_lib
 from segswap_jax import checkpoints
-from segswap_jax import features as features_lib
 from segswap_jax import inference
 from segswap_jax import losses
 from segswap_jax import multihost
@@ -62,7 +61,7 @@ class HeldOutEvaluator:
   def _outputs(self, model: inference.SegSwap, batch):
     """Outputs of one loader batch: (out_a, out_b) numpy `(N, h, w, 3)`."""
     images = np.concatenate([_flat(batch['image_a']), _flat(batch['image_b'])])
-    feats = model.features(images, normalization='none', batch_size=len(images))
+    feats = model.features(images, batch_size=len(images))  # uint8 RGB, as the loader gives
     feat_a, feat_b = feats[:len(images) // 2], feats[len(images) // 2:]
     out = model.pair(feat_a, feat_b)
     return np.asarray(out.out_a), np.asarray(out.out_b)
@@ -120,8 +119,8 @@ class HeldOutEvaluator:
       iou_a = float(losses.mask_iou(out_a[i, ..., 2], batch['mask_a'][i]))
       iou_b = float(losses.mask_iou(out_b[i, ..., 2], batch['mask_b'][i]))
       rows.append(visualize.draw_pair(
-          visualize.enlarge(features_lib.to_uint8(batch['image_a'][i]), 256),
-          visualize.enlarge(features_lib.to_uint8(batch['image_b'][i]), 256), out_a[i], out_b[i],
+          visualize.enlarge(batch['image_a'][i], 256),
+          visualize.enlarge(batch['image_b'][i], 256), out_a[i], out_b[i],
           title=f'{title}held-out pair {i}: mask IoU A {iou_a:.2f}, B {iou_b:.2f}',
           gt_mask_a=batch['mask_a'][i], gt_mask_b=batch['mask_b'][i]))
     return visualize.stack_rows(rows)
