@@ -235,7 +235,7 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
              cache_dtype: str = 'float16', work_dir: str = 'brueghel.partial', det_iou: float = 0.3,
              det_max_predictions: int = 1000, det_center: str = 'fit', num_queries: Optional[int] = None,
              db_size: int = DB_SIZE, box_size: int = QUERY_BOX_SIZE,
-             digests: Optional[Dict[str, str]] = None) -> Optional[Dict]:
+             digests: Optional[Dict[str, str]] = None, cache_format: str = 'backbone') -> Optional[Dict]:
   """Runs the benchmark; returns the results dict on process 0 (None on the others).
 
   `db_size` (database side and query crop, 640) and `box_size` (query box longer side, 64) are the
@@ -258,18 +258,22 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
   model = inference.SegSwap(params, config, digests=digests)
   batch_size = inference.balanced_batch_size(len(db_names) - 1, batch_size, model.num_devices)
   cache = feature_cache.model_feature_cache(cache_dir, model.digests['backbone'], (db_size, db_size), 'imagenet',
-                                            cache_dtype, config.feature_dim)
+                                            cache_dtype, config.feature_dim,
+                                            compute_dtype=model.config.get('compute_dtype', 'float32'))
   load_db = lambda name: images.load_image(os.path.join(image_dir, name), (db_size, db_size))
   start = time.time()
   computed = cache.fill(db_names, load_db, lambda batch: model.features(batch, batch_size=len(batch)),
                         batch_size, jax.process_index(), jax.process_count(), multihost.barrier)
+  store = feature_cache.CandidateStore(model, cache, db_names, cache_format, cache_dir, batch_size,
+                                       feature_cache.device_budget_bytes(), jax.process_index(),
+                                       jax.process_count(), multihost.barrier)
   cache_s = time.time() - start
   db_rows = cache.rows(db_names)
 
   local = multihost.query_shard(len(queries))
   n_db = len(db_names)
   key = {'split': split, 'db': db_names, 'num_queries': len(queries), 'cache': cache.meta, 'box_size': box_size,
-         'model': model.fingerprint}
+         'model': model.fingerprint, 'cache_format': cache_format}
   progress = resumable.QueryProgress(work_dir, jax.process_index(),
                                      {'scores': ((n_db,), 'float32'), 'stats': ((n_db, NUM_STATS), 'float32'),
                                       'crop': ((6,), 'float32')}, len(local), key)
@@ -284,7 +288,7 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
     feat_q = model.features(crop[None])[0]
     own = index_of[name]
     others = np.delete(db_rows, own)
-    result = model.score_candidates(feat_q, n_db - 1, lambda positions: cache.read(others[positions]),
+    result = model.score_candidates(feat_q, n_db - 1, lambda positions: store.read(others[positions]),
                                     init_mask=cells, batch_size=batch_size)
     progress.set(i, scores=np.insert(result['score'], own, -np.inf),
                  stats=np.insert(result['stats'], own, 0.0, axis=0),
@@ -333,11 +337,14 @@ def evaluate(data_dir: str, split: str, params: Dict, config, batch_size: int = 
       'detection_map': detection_map,
       'detection_ap_per_category': det_per_category,
       'detection_map_over_queries': float(np.mean([r['detection_ap'] for r in per_query])),
-      'settings': {'batch_size': batch_size, 'cache_dtype': cache_dtype, 'det_iou': det_iou,
+      'settings': {'batch_size': batch_size, 'cache_dtype': cache_dtype, 'cache_format': cache_format,
+                   'compute_dtype': model.config.get('compute_dtype', 'float32'), 'det_iou': det_iou,
                    'det_max_predictions': det_max_predictions, 'det_center': det_center,
                    'num_db': n_db, 'num_queries': len(queries), 'db_size': db_size, 'box_size': box_size},
       'table': table,
       'timing': {'cache_fill_s': cache_s, 'db_images_computed': computed, 'scoring_s': score_s,
+                 'candidates_scored': len(queries) * (n_db - 1),
+                 'cache_bytes_per_image': store.bytes_per_image, 'candidates_on_device': store.on_device,
                  'processes': jax.process_count(), 'devices_per_process': model.num_devices},
       'queries': per_query,
       'coarse': coarse_out,
@@ -369,16 +376,18 @@ def main(argv=None) -> int:
                       help='database side and query crop in px (the reference: 640; change for quick checks only)')
   parser.add_argument('--query-box-size', type=cli.positive_int, default=QUERY_BOX_SIZE,
                       help="query box's longer side after resizing (the reference: 64)")
+  cli.add_compute(parser)
   cli.add_multihost(parser)
   args = parser.parse_args(argv)
   multihost.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   params, config, digests = checkpoints.load_verified(args.checkpoint)
+  config = cli.compute_config(config, args.compute_dtype)
   results = evaluate(
       args.data_dir, args.split, params, config, args.batch_size,
       cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'feature_cache'),
       cache_dtype=args.cache_dtype, work_dir=args.out + '.partial', det_iou=args.det_iou,
       det_max_predictions=args.det_max_predictions, det_center=args.det_center, num_queries=args.num_queries,
-      db_size=args.db_size, box_size=args.query_box_size, digests=digests)
+      db_size=args.db_size, box_size=args.query_box_size, digests=digests, cache_format=args.cache_format)
   if results is not None:
     coarse = results.pop('coarse')
     results = dict({'checkpoint': os.path.abspath(args.checkpoint)}, **results)

@@ -120,7 +120,7 @@ def score_pairs(model: inference.SegSwap, images: np.ndarray, pairs: np.ndarray,
                 cache_dir: Optional[str] = None, flip: str = 'reference', denormalize: bool = False,
                 batch_size: int = 32, chunk_pairs: int = 1024, keep_all: bool = False,
                 cache_key: Optional[dict] = None, desc: str = 'pairs', features: Optional[jax.Array] = None,
-                mirrored: Optional[jax.Array] = None) -> discovery.PairSet:
+                mirrored: Optional[jax.Array] = None, cache_format: str = 'projected') -> discovery.PairSet:
   """Runs the model on `pairs` of `images` and returns the kept pairs as a `discovery.PairSet`.
 
   Args:
@@ -137,6 +137,9 @@ def score_pairs(model: inference.SegSwap, images: np.ndarray, pairs: np.ndarray,
       model are never reused.
     features, mirrored: precomputed `collection_features` of the images (and of their mirrors), to
       avoid computing them twice; computed here when needed and not given.
+    cache_format: 'projected' keeps each image's transformer tokens on the devices (its pair-independent
+      part runs once per image), 'backbone' only its features (less memory, recomputed per pair).
+      The same outputs either way (to float rounding).
   """
   if flip not in FLIP_MODES:
     raise errors.ConfigError(f'unknown flip mode {flip!r}; expected one of {FLIP_MODES}')
@@ -171,7 +174,7 @@ def score_pairs(model: inference.SegSwap, images: np.ndarray, pairs: np.ndarray,
     progress = tqdm(total=sum(e - s for s, e in todo), desc=desc, unit='pair')
     for start, end in todo:
       out_a, out_b, scores = model.indexed_pairs(features, mirrored, pairs[start:end], threshold, flip,
-                                                 batch_size)
+                                                 batch_size, cache_format=cache_format)
       progress.update(end - start)
       kept = np.ones(len(scores), bool) if keep_all else scores.max(axis=1) > threshold
       result = dict(pair_index=np.arange(start, end)[kept], out_a=out_a[kept], out_b=out_b[kept],

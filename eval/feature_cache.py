@@ -217,11 +217,12 @@ class FeatureCache:
 
 
 def model_feature_cache(root: str, backbone_digest: str, image_hw, normalization: str, dtype: str = 'float16',
-                        feature_dim: int = 1024, resize: str = 'PIL bilinear') -> FeatureCache:
+                        feature_dim: int = 1024, resize: str = 'PIL bilinear',
+                        compute_dtype: str = 'float32') -> FeatureCache:
   """The cache for one backbone, input size and normalisation: `root/<digest[:16]>_<W>x<H>_<norm>_<dtype>`.
 
   `backbone_digest`: the backbone parameters' digest (`SegSwap.digests['backbone']`, written with the
-  checkpoint). Different backbones or settings get different folders; the meta check inside catches a
+  checkpoint); `compute_dtype`: the model's (bfloat16 features are other numbers). Different backbones or settings get different folders; the meta check inside catches a
   folder reused by hand.
   """
   height, width = image_hw
@@ -235,4 +236,95 @@ def model_feature_cache(root: str, backbone_digest: str, image_hw, normalization
       'feature_shape': [-(-height // stride), -(-width // stride), feature_dim],
   }
   folder = f'{meta["fingerprint"][:16]}_{width}x{height}_{normalization}_{meta["dtype"]}'
+  if compute_dtype != 'float32':  # float32 caches keep the meta and folder they always had
+    meta['compute_dtype'] = compute_dtype
+    folder += f'_{compute_dtype}'
   return FeatureCache(os.path.join(root, folder), meta)
+
+
+CACHE_FORMATS = ('backbone', 'projected')
+
+
+def token_cache(root: str, model_fingerprint: str, features: FeatureCache, d_model: int) -> FeatureCache:
+  """The prepared tokens (`SegSwap.tokens`) of the images of the backbone-feature cache `features`:
+  `root/tokens_<fingerprint[:16]>_<W>x<H>_<norm>`, float16 `(h, w, d_model)` rows. Keyed on the whole
+  model (the tokens depend on the matcher's weights and the compute policy too)."""
+  h, w, _ = features.feature_shape
+  meta = dict(features.meta, fingerprint=model_fingerprint, backbone_features=features.meta['fingerprint'],
+              dtype='float16', feature_shape=[h, w, int(d_model)])
+  height, width = features.meta['image_size']
+  folder = f'tokens_{model_fingerprint[:16]}_{width}x{height}_{features.meta["normalization"]}'
+  return FeatureCache(os.path.join(root, folder), meta)
+
+
+class CandidateStore:
+  """What the scorer reads per candidate: backbone features (cache_format 'backbone'), plus their prepared
+  tokens ('projected': the candidate's pair-independent part is then computed once per image, not
+  once per query), from the caches on disk or, when they fit in `device_budget_bytes`, from one copy on
+  the devices (no host reads or copies while scoring).
+
+  Args:
+    model: the inference engine (`segswap_jax.inference.SegSwap`).
+    features: the filled backbone-feature cache.
+    names: the images the store must serve.
+    cache_format: 'backbone' or 'projected'.
+    root: cache root (for the token cache).
+    batch_size: images per token call while filling.
+    device_budget_bytes: bytes the devices may hold for the store (0: always stream from the host).
+  """
+
+  def __init__(self, model, features: FeatureCache, names: Sequence[str], cache_format: str, root: str,
+               batch_size: int, device_budget_bytes: int = 0, process_index: int = 0, process_count: int = 1,
+               barrier: Optional[Callable[[str], None]] = None):
+    if cache_format not in CACHE_FORMATS:
+      raise DataError(f'cache format must be one of {CACHE_FORMATS}, got {cache_format!r}')
+    self.features = features
+    self.cache_format = cache_format
+    self.tokens = None
+    self.computed_tokens = 0
+    if cache_format == 'projected':
+      self.tokens = token_cache(root, model.fingerprint, features, model.config.d_model)
+      read_one = lambda name: features.read(features.rows([name]))[0]
+      self.computed_tokens = self.tokens.fill(
+          names, read_one, lambda batch: model.tokens(batch, batch_size=len(batch)), batch_size,
+          process_index, process_count, barrier, num_threads=1, description='database tokens')
+    caches = [features] + ([self.tokens] if self.tokens is not None else [])
+    self.bytes_per_image = int(sum(np.prod(c.feature_shape) * c.dtype.itemsize for c in caches))
+    self._device = None
+    if device_budget_bytes and self.bytes_per_image * len(set(names)) <= device_budget_bytes:
+      unique = sorted(set(features.rows(names).tolist()))
+      self._position = {row: i for i, row in enumerate(unique)}
+      tables = {'features': features.read(unique)}
+      if self.tokens is not None:
+        tables['tokens'] = self.tokens.read(self.tokens.rows([features.names[r] for r in unique]))
+      self._device = {k: model.on_all_devices(v) for k, v in tables.items()}
+      self._token_row = None
+    elif self.tokens is not None:
+      self._token_row = {r: t for r, t in zip(features.rows(names), self.tokens.rows(names))}
+
+  @property
+  def on_device(self) -> bool:
+    return self._device is not None
+
+  def read(self, rows: np.ndarray):
+    """Candidates at feature-cache `rows`: features `(n, h, w, C)`, or {'features', 'tokens'}."""
+    rows = np.asarray(rows)
+    if self._device is not None:
+      index = np.array([self._position[int(r)] for r in rows], np.int32)
+      out = {k: v[index] for k, v in self._device.items()}
+    else:
+      out = {'features': self.features.read(rows)}
+      if self.tokens is not None:
+        out['tokens'] = self.tokens.read(np.array([self._token_row[int(r)] for r in rows], np.int64))
+    return out if self.tokens is not None else out['features']
+
+
+def device_budget_bytes(fraction: float = 0.5) -> int:
+  """`fraction` of the first local device's memory when it reports it (accelerators), else 0 (CPU: the
+  host page cache already is the fastest store)."""
+  import jax
+  device = jax.local_devices()[0]
+  if device.platform == 'cpu':
+    return 0
+  stats = device.memory_stats() or {}
+  return int(fraction * stats.get('bytes_limit', 0))

@@ -52,6 +52,7 @@ class Settings:
   cache_dir: str = 'feature_cache'
   cache_dtype: str = 'float16'
   num_queries: Optional[int] = None  # evaluate only the first N queries (quick checks)
+  cache_format: str = 'backbone'     # or 'projected' (feature_cache.CandidateStore)
   image_size: Sequence[int] = IMAGE_SIZE  # (height, width)
 
 
@@ -88,18 +89,22 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
   size = tuple(settings.image_size)
   normalization = 'denormalized' if settings.denormalize_candidates else 'imagenet'
   cache = feature_cache.model_feature_cache(settings.cache_dir, model.digests['backbone'], size,
-                                            normalization, settings.cache_dtype, config.feature_dim)
+                                            normalization, settings.cache_dtype, config.feature_dim,
+                                            compute_dtype=model.config.get('compute_dtype', 'float32'))
   db_names = [dataset.db_names[i] for i in np.unique(candidates)]
   load_db = lambda name: images.load_image(place_formats.resolve(name, [dataset.db_dir]), size)
   start = time.time()
   computed = cache.fill(db_names, load_db,
                         lambda batch: model.features(batch, normalization, batch_size=len(batch)),
                         batch_size, jax.process_index(), jax.process_count(), multihost.barrier)
+  store = feature_cache.CandidateStore(model, cache, db_names, settings.cache_format, settings.cache_dir,
+                                       batch_size, feature_cache.device_budget_bytes(), jax.process_index(),
+                                       jax.process_count(), multihost.barrier)
   cache_s = time.time() - start
 
   local = multihost.query_shard(num_queries)
   key = {'dataset': dataset.sources, 'baseline': baseline_source, 'topk': topk, 'num_queries': num_queries,
-         'cache': cache.meta, 'model': model.fingerprint}
+         'cache': cache.meta, 'model': model.fingerprint, 'cache_format': settings.cache_format}
   progress = resumable.QueryProgress(work_dir, jax.process_index(), {'scores': ((topk,), 'float32')},
                                      len(local), key)
   start = time.time()
@@ -112,7 +117,7 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
     query = images.load_image(place_formats.resolve(dataset.qry_names[q], [dataset.qry_dir]), size)
     feat_q = model.features(query[None])[0]
     rows = cache.rows([dataset.db_names[j] for j in candidates[q]])
-    result = model.score_candidates(feat_q, topk, lambda positions: cache.read(rows[positions]),
+    result = model.score_candidates(feat_q, topk, lambda positions: store.read(rows[positions]),
                                     batch_size=batch_size)
     progress.set(i, scores=result['score'])
     scored += topk
@@ -132,12 +137,15 @@ def evaluate(dataset: place_formats.PlaceDataset, baseline: np.ndarray, baseline
                                          settings.dist_threshold) for name, r in variants.items()}
   return {
       'settings': dict(dataclasses.asdict(settings), topk=topk, image_size=list(size),
+                       compute_dtype=model.config.get('compute_dtype', 'float32'),
                        nms_group=nms_group, num_queries=num_queries),
       'sources': dict(dataset.sources, baseline=baseline_source, qry_dir=dataset.qry_dir,
                       db_dir=dataset.db_dir, feature_cache=cache.directory),
       'recall': {name: {str(n): v for n, v in rec.items()} for name, rec in recalls.items()},
       'table': retrieval.recall_table(recalls),
       'timing': {'cache_fill_s': cache_s, 'db_images_computed': computed, 'scoring_s': score_s,
+                 'cache_bytes_per_image': store.bytes_per_image, 'candidates_on_device': store.on_device,
+                 'db_tokens_computed': store.computed_tokens,
                  'candidates_scored': scored * jax.process_count(),
                  'candidates_per_s': scored / score_s if scored and score_s > 0 else None,
                  'batch_per_call': batch_size, 'devices_per_process': model.num_devices,
@@ -175,6 +183,7 @@ def build_parser(layout: Layout, description: str) -> cli.Parser:
   parser.add_argument('--num-queries', type=cli.positive_int, default=None,
                       help='only the first N queries (quick check)')
   cli.add_image_size(parser, IMAGE_SIZE, 'input size of queries and candidates (the reference: 480 640)')
+  cli.add_compute(parser)
   cli.add_multihost(parser)
   return parser
 
@@ -192,11 +201,12 @@ def run_cli(layout: Layout, description: str, argv: Optional[List[str]] = None) 
   ranking_path = args.ranking or os.path.join(lists_dir, layout.ranking_file)
   baseline = retrieval.load_npy(ranking_path, 'baseline ranking', mmap=True)
   params, config, digests = checkpoints.load_verified(args.checkpoint)
+  config = cli.compute_config(config, args.compute_dtype)
   settings = Settings(topk=args.topk, batch_size=args.batch_size,
                       denormalize_candidates=args.denormalize_candidates, dist_threshold=args.dist_threshold,
                       cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
                                                                'feature_cache'),
-                      cache_dtype=args.cache_dtype, num_queries=args.num_queries,
+                      cache_dtype=args.cache_dtype, num_queries=args.num_queries, cache_format=args.cache_format,
                       image_size=tuple(args.image_size))
   results = evaluate(dataset, baseline, ranking_path, params, config, settings, layout.nms_group,
                      work_dir=args.out + '.partial', digests=digests)

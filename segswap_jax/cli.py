@@ -226,6 +226,27 @@ def add_image_size(parser: Parser, default: Sequence[int], help: str, square: bo
                       help=f'{help}: {shape}, multiples of {FEATURE_STRIDE} (default {" ".join(map(str, default))})')
 
 
+def add_compute(parser: Parser, cache_format_default: str = 'backbone') -> None:
+  """`--compute-dtype` (the model's compute policy, docs/performance.md) and `--cache-format` (what the
+  feature cache keeps per database image)."""
+  parser.add_argument('--compute-dtype', choices=('float32', 'bfloat16'), default=None,
+                      help="matrix products in this dtype (default: the checkpoint's, float32); bfloat16 "
+                           'is for accelerators, within ~2%% of float32 scores')
+  parser.add_argument('--cache-format', choices=('backbone', 'projected'), default=cache_format_default,
+                      help="'projected' also keeps each image's transformer tokens, so its pair-independent "
+                           "part runs once per image, not once per pair; 'backbone' keeps features only "
+                           f'(default {cache_format_default})')
+
+
+def compute_config(config, compute_dtype: Optional[str]):
+  """The model config with `--compute-dtype` applied (a copy; None keeps the checkpoint's)."""
+  if compute_dtype is None:
+    return config
+  config = config.copy_and_resolve_references()
+  config.compute_dtype = compute_dtype
+  return config
+
+
 def add_multihost(parser: Parser) -> None:
   """The multi-process flags of the evaluation CLIs (the same command on every host)."""
   parser.add_argument('--coordinator-address', default=None, help='multi-host: HOST:PORT of process 0')

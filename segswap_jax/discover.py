@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from eval import collection
 from eval import discovery
+from segswap_jax import checkpoints
 from segswap_jax import cli
 from segswap_jax import errors
 from segswap_jax import images as images_lib
@@ -127,8 +128,9 @@ def instance_record(mask: np.ndarray, scale_x: float, scale_y: float) -> dict:
 
 
 def write_report(out_dir: str, folder: str, names: Sequence[str], result: discovery.Discovery,
-                 summary: dict, grabcut: bool = True) -> dict:
-  """Writes index.html, pattern_XX.png and clusters.json; returns the clusters dict."""
+                 summary: dict, grabcut: bool = True, timing: Optional[dict] = None) -> dict:
+  """Writes index.html, pattern_XX.png and clusters.json; returns the clusters dict (with `timing`, the
+  machine figures of the run, when given)."""
   os.makedirs(out_dir, exist_ok=True)
   clusters = []
   sections = []
@@ -171,6 +173,8 @@ def write_report(out_dir: str, folder: str, names: Sequence[str], result: discov
   alone = [n for n in names if n not in in_patterns]
   data = {'folder': os.path.abspath(folder), 'summary': summary, 'patterns': clusters,
           'images_in_no_pattern': alone}
+  if timing is not None:
+    data['timing'] = timing
   with open(os.path.join(out_dir, 'clusters.json'), 'w') as f:
     json.dump(data, f, indent=1)
   facts = ''.join(f'<li>{html.escape(str(k))}: {html.escape(str(v))}</li>' for k, v in summary.items())
@@ -199,8 +203,8 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
                     model: Optional[inference.SegSwap] = None, image_size=(480, 480),
                     max_pairs_per_image: int = 10, method: str = 'patterns', sigma: float = 2.0,
                     flip: str = 'none', max_patterns: int = 10, batch_size: int = 16, grabcut: bool = True,
-                    skip_unreadable: bool = False,
-                    node_threshold: float = discovery.CONF_THRESHOLD) -> dict:
+                    skip_unreadable: bool = False, node_threshold: float = discovery.CONF_THRESHOLD,
+                    compute_dtype: Optional[str] = None, cache_format: str = 'projected') -> dict:
   """The whole `discover` run; returns the clusters dict written to clusters.json."""
   if method not in discovery.METHODS:
     raise errors.ConfigError(f'unknown method {method!r}; expected one of {sorted(discovery.METHODS)}')
@@ -213,15 +217,18 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
   names, images = load_collection(images_dir, image_size, skip_unreadable)
   timings = {}
   start = time.perf_counter()
-  model = model or inference.SegSwap.load(checkpoint)
+  if model is None:
+    params, config, digests = checkpoints.load_verified(checkpoint)
+    model = inference.SegSwap(params, cli.compute_config(config, compute_dtype), checkpoint, digests=digests)
   features = collection.collection_features(model, images)
   pairs = collection.candidate_pairs(collection.global_descriptors(features), max_pairs_per_image or None)
   timings['features + pre-filter (s)'] = round(time.perf_counter() - start, 2)
   start = time.perf_counter()
   pair_set = collection.score_pairs(
       model, images, pairs, cache_dir=os.path.join(out_dir, 'cache'), flip=flip, batch_size=batch_size,
-      features=features, cache_key=dict(images=names))
-  timings['pairs (s)'] = round(time.perf_counter() - start, 2)
+      features=features, cache_key=dict(images=names), cache_format=cache_format)
+  scoring_s = time.perf_counter() - start
+  timings['pairs (s)'] = round(scoring_s, 2)
   start = time.perf_counter()
   kwargs = {'max_patterns': max_patterns} if method == 'patterns' else {}
   result = discovery.discover(pair_set, method, sigma, conf_threshold=node_threshold, **kwargs)
@@ -231,7 +238,12 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
              'edges': int(result.matrix.nnz), 'method': method, 'sigma': sigma,
              'node threshold': node_threshold, 'flip': flip,
              'max_pairs_per_image': max_pairs_per_image, 'checkpoint': checkpoint or 'in memory', **timings}
-  return write_report(out_dir, images_dir, names, result, summary, grabcut)
+  h, w = features.shape[1:3]
+  per_image = h * w * (features.shape[3] * features.dtype.itemsize
+                       + (4 * model.config.d_model if model.hoists and cache_format == 'projected' else 0))
+  timing = {'scoring_s': scoring_s, 'candidates_scored': int(len(pairs)), 'cache_bytes_per_image': int(per_image),
+            'cache_format': cache_format, 'compute_dtype': model.config.get('compute_dtype', 'float32')}
+  return write_report(out_dir, images_dir, names, result, summary, grabcut, timing)
 
 
 @cli.command
@@ -258,13 +270,15 @@ def main(argv=None) -> int:
   cli.add_batch_size(parser, 16, 'pairs per forward call')
   parser.add_argument('--no-grabcut', action='store_true', help='outline the thresholded maps directly')
   parser.add_argument('--skip-unreadable', action='store_true', help='leave unreadable images out')
+  cli.add_compute(parser, cache_format_default='projected')
   args = parser.parse_args(argv)
   list_images(args.images)  # fail on the folder before loading the model
   data = discover_folder(args.images, args.out, checkpoint=args.checkpoint, image_size=args.image_size,
                          max_pairs_per_image=args.max_pairs_per_image, method=args.method, sigma=args.sigma,
                          flip=args.flip, max_patterns=args.max_patterns, batch_size=args.batch_size,
                          grabcut=not args.no_grabcut, skip_unreadable=args.skip_unreadable,
-                         node_threshold=args.node_threshold)
+                         node_threshold=args.node_threshold, compute_dtype=args.compute_dtype,
+                         cache_format=args.cache_format)
   print(f'{len(data["patterns"])} pattern(s) in {data["summary"]["images"]} images -> '
         f'{os.path.join(args.out, "index.html")}')
   for cluster in data['patterns']:

@@ -84,11 +84,18 @@ class _Functions(NamedTuple):
   replicated: NamedSharding
   sharded: NamedSharding
   features: Callable
+  tokens: Callable
   pair: Callable
   query_mask: Callable
   score: Callable
   indexed_pairs: Callable
   pool_scores: Callable
+
+
+def hoists(config: ml_collections.ConfigDict) -> bool:
+  """Whether the matcher has a pair-independent part to run once per image (the transformer's
+  projection and first I layer; NC-Net's consensus sees only the pair's correlation)."""
+  return model_lib.matcher_key(config) == 'transformer'
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,26 +106,45 @@ def _compiled(config_json: str, devices: Tuple[jax.Device, ...]) -> _Functions:
   sharded = NamedSharding(mesh, PartitionSpec('batch'))
   backbone = model_lib.build_backbone(config)
   matcher = model_lib.build_matcher(config)
+  split = hoists(config)
 
   def apply(matcher_vars, feat_a, feat_b, pad_a=None, pad_b=None):
     return matcher.apply(matcher_vars, feat_a, feat_b, pad_a, pad_b, train=False)
 
+  def prepare(matcher_vars, feat):
+    return matcher.apply(matcher_vars, feat, method='prepare')
+
+  def match(matcher_vars, side_a, side_b):
+    """Each side: {'features': (B, h, w, C)} and, when the matcher splits, maybe {'tokens': (B, h, w, d)}
+    (prepared once per image by the caller); the missing tokens are prepared here."""
+    if not split:
+      return apply(matcher_vars, side_a['features'], side_b['features'])
+    tokens = [side['tokens'].astype(jnp.float32) if 'tokens' in side else prepare(matcher_vars, side['features'])
+              for side in (side_a, side_b)]
+    return matcher.apply(matcher_vars, *tokens, method='match')
+
   def features(backbone_vars, images, normalization):
     return features_lib.backbone_features(backbone, backbone_vars, images, normalization)
+
+  def tokens(matcher_vars, feats):
+    return prepare(matcher_vars, features_lib.l2_normalize(feats.astype(jnp.float32)))
 
   def pair(matcher_vars, feat_a, feat_b, pad_a, pad_b):
     return PairOutputs(*apply(matcher_vars, feat_a, feat_b, pad_a, pad_b))
 
-  def query_mask(matcher_vars, feat_q, init_mask):
-    out_a, out_b = apply(matcher_vars, feat_q[None], feat_q[None])
+  def query_mask(matcher_vars, query, init_mask):
+    side = jax.tree.map(lambda x: x[None], query)
+    out_a, out_b = match(matcher_vars, side, side)
     return scoring.consistent_mask(init_mask[None], out_a, out_b)[0]
 
-  def score(matcher_vars, feat_q, mask_q, cell_mask, feat_d, valid, with_outputs):
+  def score(matcher_vars, query, mask_q, cell_mask, candidates, valid, with_outputs):
     # Cached features may be float16: back to float32 and unit norm, as the model expects.
-    feat_d = features_lib.l2_normalize(feat_d.astype(jnp.float32))
+    candidates = dict(candidates, features=features_lib.l2_normalize(candidates['features'].astype(jnp.float32)))
+    feat_d = candidates['features']
     batch = feat_d.shape[0]
-    feat_qb = jnp.broadcast_to(feat_q, (batch,) + feat_q.shape)
-    out_q, out_d = apply(matcher_vars, feat_qb, feat_d)
+    query = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), query)
+    feat_qb = query['features']
+    out_q, out_d = match(matcher_vars, query, candidates)
     weight = scoring.transported_mask(jnp.broadcast_to(mask_q, (batch,) + mask_q.shape), out_q, out_d)
     result = {'score': jnp.where(valid, scoring.pair_score(feat_qb, feat_d, out_q, weight, cell_mask), -jnp.inf),
               'stats': scoring.correspondence_stats(out_q, weight, cell_mask)}
@@ -126,11 +152,15 @@ def _compiled(config_json: str, devices: Tuple[jax.Device, ...]) -> _Functions:
       result.update(out_query=out_q, out_candidates=out_d, transported_masks=weight)
     return result
 
-  def indexed_pairs(matcher_vars, features_all, mirrored, index_i, index_j, min_mask, flip):
-    feat_i, feat_j = features_all[index_i], features_all[index_j]
-    out_a, out_b = apply(matcher_vars, feat_i, feat_j)
+  def gather(table, index):
+    return jax.tree.map(lambda x: x[index], table)
+
+  def indexed_pairs(matcher_vars, table, mirrored, index_i, index_j, min_mask, flip):
+    side_i, side_j = gather(table, index_i), gather(table, index_j)
+    feat_i, feat_j = side_i['features'], side_j['features']
+    out_a, out_b = match(matcher_vars, side_i, side_j)
     if flip != 'none':
-      mirror_a, mirror_b = apply(matcher_vars, feat_i, mirrored[index_j])
+      mirror_a, mirror_b = match(matcher_vars, side_i, gather(mirrored, index_j))
       out_a, out_b = scoring.choose_flip((out_a, out_b), (mirror_a, mirror_b), flip)
     weight_a = scoring.cycle_weight(out_a, out_b)
     weight_b = scoring.cycle_weight(out_b, out_a)
@@ -139,14 +169,15 @@ def _compiled(config_json: str, devices: Tuple[jax.Device, ...]) -> _Functions:
                         scoring.pair_score(feat_j, feat_i, out_b, weight_b)], axis=-1)
     return out_a, out_b, jnp.where(valid[:, None], scores, 0.0)
 
-  def pool_scores(matcher_vars, features_all, index_i, index_j):
-    out_a, out_b = apply(matcher_vars, features_all[index_i].astype(jnp.float32),
-                         features_all[index_j].astype(jnp.float32))
+  def pool_scores(matcher_vars, table, index_i, index_j):
+    as_float = lambda side: dict(side, features=side['features'].astype(jnp.float32))
+    out_a, out_b = match(matcher_vars, as_float(gather(table, index_i)), as_float(gather(table, index_j)))
     return jnp.mean(out_a[..., 2], axis=(1, 2)) + jnp.mean(out_b[..., 2], axis=(1, 2))
 
   return _Functions(
       replicated=replicated, sharded=sharded,
       features=jax.jit(features, static_argnums=2, out_shardings=sharded),
+      tokens=jax.jit(tokens),
       pair=jax.jit(pair),
       query_mask=jax.jit(query_mask),
       score=jax.jit(score, static_argnums=6),
@@ -261,20 +292,56 @@ class SegSwap:
     """Self-pair query mask `(h, w)` of query features `(h, w, C)` (init: all ones or a box mask)."""
     if init_mask is None:
       init_mask = np.ones(feat_q.shape[:2], np.float32)
-    return np.asarray(self.functions.query_mask(self.variables['matcher'], jnp.asarray(feat_q, jnp.float32),
-                                          jnp.asarray(init_mask, jnp.float32)))
+    return np.asarray(self.functions.query_mask(self.variables['matcher'], self._query(feat_q),
+                                                jnp.asarray(init_mask, jnp.float32)))
+
+  # -- the pair-independent part ---------------------------------------------------------------------
+  @property
+  def hoists(self) -> bool:
+    """Whether the matcher's pair-independent part can run once per image (`tokens`): the transformer."""
+    return hoists(self.config)
+
+  def tokens(self, features, batch_size: int = 32) -> jax.Array:
+    """Prepared tokens `(N, h, w, d_model)` float32 of features `(N, h, w, C)` (float16 is fine): the
+    transformer's feature projection and first I layer, which see one image alone
+    (`CrossTransformer.prepare`). What `cache_format='projected'` stores per database image."""
+    if not self.hoists:
+      raise errors.ConfigError(f"the {self.matcher_key} matcher has no pair-independent part: use "
+                               "cache_format 'backbone'")
+    count = features.shape[0]
+    size = self.batch_size(min(batch_size, max(count, 1)))
+    chunks = []
+    for start in range(0, count, size):
+      batch = features[start:start + size]
+      valid = batch.shape[0]
+      out = self.functions.tokens(self.variables['matcher'], self._sharded(_pad_rows(batch, size)))
+      chunks.append(out[:valid] if valid < size else out)
+    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
+
+  def _query(self, feat_q) -> Dict[str, jax.Array]:
+    """One query's side of a pair: its features `(h, w, C)` and, when the matcher splits, its tokens
+    (prepared here once for all its candidates)."""
+    feat_q = jnp.asarray(feat_q, jnp.float32)
+    side = {'features': feat_q}
+    if self.hoists:
+      side['tokens'] = self.functions.tokens(self.variables['matcher'], feat_q[None])[0]
+    return side
 
   # -- retrieval scoring -------------------------------------------------------------------------------
-  def score_candidates(self, feat_q, num_candidates: int, read_batch: Callable[[np.ndarray], np.ndarray],
+  def score_candidates(self, feat_q, num_candidates: int, read_batch: Callable[[np.ndarray], object],
                        init_mask: Optional[np.ndarray] = None, batch_size: int = 32,
                        outputs: bool = False) -> Dict[str, np.ndarray]:
     """Scores one query against `num_candidates` candidates whose features are read in batches.
 
+    The query's pair-independent part runs once here, not once per candidate.
+
     Args:
       feat_q: `(h, w, C)` query features.
       num_candidates: how many candidates.
-      read_batch: candidate positions `(n,)` -> features `(n, hd, wd, C)` (e.g. from the feature cache);
-        called for the next batch while the current one runs on the devices.
+      read_batch: candidate positions `(n,)` -> features `(n, hd, wd, C)` (e.g. from the feature cache),
+        or a dict {'features': that, 'tokens': `(n, hd, wd, d_model)`} of candidates whose prepared
+        tokens are cached too (`tokens`; cache_format 'projected'); called for the next batch while the
+        current one runs on the devices.
       init_mask: optional `(h, w)` initial query mask; when given, only its cells are scored (Brueghel).
       batch_size: candidates per call, rounded up to a multiple of the devices.
       outputs: also return every pair's outputs and transported mask.
@@ -285,9 +352,9 @@ class SegSwap:
       `out_candidates` `(n, hd, wd, 3)`, `transported_masks` `(n, h, w)`.
     """
     h, w = feat_q.shape[:2]
-    feat_q = jnp.asarray(feat_q, jnp.float32)
+    query = self._query(feat_q)
     init = np.ones((h, w), np.float32) if init_mask is None else np.asarray(init_mask, np.float32)
-    mask_q = self.functions.query_mask(self.variables['matcher'], feat_q, jnp.asarray(init))
+    mask_q = self.functions.query_mask(self.variables['matcher'], query, jnp.asarray(init))
     cell_mask = jnp.asarray(init > 0)
     size = self.batch_size(batch_size)
     keys = ('score', 'stats') + (('out_query', 'out_candidates', 'transported_masks') if outputs else ())
@@ -296,14 +363,17 @@ class SegSwap:
     with concurrent.futures.ThreadPoolExecutor(1) as reader:
       pending = reader.submit(read_batch, np.arange(0, min(size, num_candidates)))
       for i, start in enumerate(starts):
-        feats = pending.result()
+        candidates = pending.result()
         if i + 1 < len(starts):
           nxt = starts[i + 1]
           pending = reader.submit(read_batch, np.arange(nxt, min(nxt + size, num_candidates)))
+        if not isinstance(candidates, dict):
+          candidates = {'features': candidates}
         valid = np.zeros(size, bool)
-        valid[:feats.shape[0]] = True
-        out = self.functions.score(self.variables['matcher'], feat_q, mask_q, cell_mask,
-                             self._sharded(_pad_rows(feats, size)), self._sharded(valid), outputs)
+        valid[:candidates['features'].shape[0]] = True
+        candidates = {k: self._sharded(_pad_rows(v, size)) for k, v in candidates.items()}
+        out = self.functions.score(self.variables['matcher'], query, mask_q, cell_mask, candidates,
+                                   self._sharded(valid), outputs)
         for k in keys:
           results[k].append(out[k])
     result = {k: np.concatenate([np.asarray(v) for v in chunks])[:num_candidates]
@@ -333,8 +403,9 @@ class SegSwap:
 
   # -- pairs of a collection, by index ---------------------------------------------------------------
   def indexed_pairs(self, features_all: jax.Array, mirrored: Optional[jax.Array], pairs: np.ndarray,
-                    min_mask: float, flip: str = 'none', batch_size: int = 32
-                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    min_mask: float, flip: str = 'none', batch_size: int = 32,
+                    tokens_all: Optional[jax.Array] = None, tokens_mirrored: Optional[jax.Array] = None,
+                    cache_format: str = 'projected') -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs pairs (i, j) of a collection whose features stay on the devices.
 
     Args:
@@ -344,6 +415,10 @@ class SegSwap:
       min_mask: a pair whose cycle-consistent masks (docs/reference.md §5) sum below this on either side
         gets scores 0.
       flip: 'none', 'reference' or 'corrected' (`scoring.choose_flip`).
+      tokens_all, tokens_mirrored: the images' prepared tokens (`tokens`), when cached.
+      cache_format: 'projected' (default): when the matcher splits, the devices hold every image's
+        prepared tokens beside its features (computed here once per image when not given); 'backbone':
+        features only (less device memory), the tokens are prepared again in every pair.
 
     Returns:
       numpy `out_a` `(P, h, w, 3)` (on image i), `out_b` `(P, h, w, 3)` (on image j), `scores` `(P, 2)`
@@ -352,8 +427,9 @@ class SegSwap:
     if flip not in scoring.FLIP_MODES:
       raise errors.ConfigError(f'unknown flip mode {flip!r}; expected one of {scoring.FLIP_MODES}')
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    features_all = self.on_all_devices(features_all)
-    mirrored = features_all if flip == 'none' else self.on_all_devices(mirrored)
+    hoist = cache_format == 'projected'
+    table = self._table(features_all, tokens_all, hoist)
+    mirrored_table = table if flip == 'none' else self._table(mirrored, tokens_mirrored, hoist)
     size = self.batch_size(min(batch_size, max(len(pairs), 1)))
     outs_a, outs_b, scores = [], [], []
     for start in range(0, len(pairs), size):
@@ -361,7 +437,7 @@ class SegSwap:
       valid = len(batch)
       batch = _pad_rows(batch, size)
       out_a, out_b, score = self.functions.indexed_pairs(
-          self.variables['matcher'], features_all, mirrored, self._sharded(batch[:, 0]),
+          self.variables['matcher'], table, mirrored_table, self._sharded(batch[:, 0]),
           self._sharded(batch[:, 1]), min_mask, flip)
       outs_a.append(np.asarray(out_a)[:valid])
       outs_b.append(np.asarray(out_b)[:valid])
@@ -372,19 +448,28 @@ class SegSwap:
       return empty, empty, np.zeros((0, 2))
     return np.concatenate(outs_a), np.concatenate(outs_b), np.concatenate(scores)
 
+  def _table(self, features_all, tokens_all=None, hoist: bool = True) -> Dict[str, jax.Array]:
+    """A collection on every device, gathered from by index: its features and, when the matcher splits
+    (and `hoist`), its tokens (computed here once per image when not given)."""
+    table = {'features': self.on_all_devices(features_all)}
+    if self.hoists and hoist:
+      table['tokens'] = self.on_all_devices(self.tokens(features_all) if tokens_all is None else tokens_all)
+    return table
+
   def pool_scores(self, features_all: jax.Array, pairs: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Hard-mining score mean(mask A) + mean(mask B) of pool pairs `(P, 2)` -> `(P,)` float32.
 
-    `features_all` `(N, h, w, C)` (float16 is fine: cast to float32 inside) stays on the devices.
+    `features_all` `(N, h, w, C)` (float16 is fine: cast to float32 inside) stays on the devices; each
+    image's pair-independent part runs once, not once per pair.
     """
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    features_all = self.on_all_devices(features_all)
+    table = self._table(features_all)
     size = self.batch_size(batch_size)
     out = []
     for start in range(0, len(pairs), size):
       batch = pairs[start:start + size]
       valid = len(batch)
       batch = _pad_rows(batch, size)
-      out.append(np.asarray(self.functions.pool_scores(self.variables['matcher'], features_all,
+      out.append(np.asarray(self.functions.pool_scores(self.variables['matcher'], table,
                                                  self._sharded(batch[:, 0]), self._sharded(batch[:, 1])))[:valid])
     return np.concatenate(out) if out else np.zeros(0, np.float32)

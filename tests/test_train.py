@@ -203,10 +203,15 @@ def test_hard_negative_miner(train_dataset, tmp_path):
   current = lambda: params
   miner = hard_mining.HardNegativeMiner(train_dataset, model_config, config, str(tmp_path))
   first = miner.negatives(0, current)
-  assert first['hard_feat_a'].shape == (jax.local_device_count(), 2, 8, 8, 16)
-  assert first['hard_feat_a'].dtype == np.float16
-  np.testing.assert_allclose(np.linalg.norm(first['hard_feat_a'].astype(np.float32), axis=-1), 1.0,
-                             atol=2e-3)
+  assert first['hard_index_a'].shape == (jax.local_device_count(), 2) and first['hard_index_a'].dtype == np.int32
+  # The pool stays on every device: (D, P, h, w, C) float16, unit features, one copy per device.
+  pool = miner.pool
+  assert pool.shape == (jax.local_device_count(), 4, 8, 8, 16) and pool.dtype == np.float16
+  assert len(pool.addressable_shards) == jax.local_device_count()
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(pool[0], np.float32), axis=-1), 1.0, atol=2e-3)
+  pairs = {tuple(p) for p in hard_mining.pool_pairs(4).tolist()}
+  drawn = np.stack([first['hard_index_a'], first['hard_index_b']], -1).reshape(-1, 2)
+  assert all(tuple(p) in pairs for p in drawn.tolist())   # each negative is a pool pair (i < j)
   stored = np.load(os.path.join(str(tmp_path), 'hard_mining', 'round_0.npz'))
   assert stored['scores'].shape == (6,) and len(stored['pool']) == 4   # 4 pool images, 6 pairs
   assert np.all((stored['scores'] == 0) | (stored['scores'] > 0.04))
@@ -214,7 +219,10 @@ def test_hard_negative_miner(train_dataset, tmp_path):
   again = hard_mining.HardNegativeMiner(train_dataset, model_config, config, str(tmp_path))
   for key in first:
     np.testing.assert_array_equal(again.negatives(0, current)[key], first[key])
-  assert not np.array_equal(again.negatives(1, current)['hard_feat_a'], first['hard_feat_a'])
+  np.testing.assert_array_equal(np.asarray(again.pool), np.asarray(pool))
+  later = [again.negatives(step, current) for step in (1, 2)]
+  assert any(not np.array_equal(n['hard_index_a'], first['hard_index_a']) or
+             not np.array_equal(n['hard_index_b'], first['hard_index_b']) for n in later)
 
 
 def test_draw_negatives_follows_the_scores():

@@ -135,7 +135,10 @@ def test_mined_negatives_enter_the_loss():
   _, plain = step(state, batch, frozen)
   features = np.random.default_rng(0).standard_normal((2, 4, 4, 16)).astype(np.float32)
   features /= np.linalg.norm(features, axis=-1, keepdims=True)
-  _, mined = step(state, dict(batch, hard_feat_a=features, hard_feat_b=features[::-1].copy()), frozen)
+  # Mined pairs come as indices into the round's pool, which stays on the device in `frozen`.
+  pool = np.concatenate([features, features[::-1]])
+  _, mined = step(state, dict(batch, hard_index_a=np.array([0, 1], np.int32),
+                              hard_index_b=np.array([2, 3], np.int32)), dict(frozen, hard_pool=pool))
   # Same positives, more all-zero targets: the mask loss changes, the correspondence loss does not.
   assert float(mined['loss_corr']) == pytest.approx(float(plain['loss_corr']), rel=1e-6)
   assert float(mined['loss_mask']) != pytest.approx(float(plain['loss_mask']), rel=1e-4)

@@ -10,14 +10,16 @@ negatives. Ours does the same in rounds of `hard_mining.round_steps` steps:
              A or B (p 1/2), stylised or not (p 1/2), a random resized crop (scale 0.08-1, ratio 3/4-4/3)
              back to the training size, a horizontal flip (p 1/2). Pool images come from distinct stored
              pairs, so no pool pair is a true positive.
-    features the frozen backbone's, once per round, through the inference engine (float16, on the
-             devices for scoring, one host copy for the batches);
+    features the frozen backbone's, once per round, through the inference engine (float16), kept on
+             the devices for the round: for scoring, and for the steps, which gather their negatives
+             from it by index (no features cross the host per step);
     scores   every pool pair, eval mode, each process its share on its own devices (the engine gathers
              features by index on the device), gathered; <= zero_below -> 0.
   each step: `num_hard` pairs per device drawn without replacement with probability proportional to
              the score (uniformly when no pair scores above 0), by (seed, step) for the whole global
-             batch so any topology draws the same ones; their features go into the batch as
-             `hard_feat_a` / `hard_feat_b` `(D, num_hard, h, w, C)`.
+             batch so any topology draws the same ones; their pool indices go into the batch as
+             `hard_index_a` / `hard_index_b` int32 `(D, num_hard)`, the pool itself (`pool`, replicated
+             `(D, P, h, w, C)` float16) into the step's constant tree as `hard_pool`.
 
 Differences from the reference, on purpose: rounds have a fixed length (the reference runs
 min(#scores > 0.1, 100) iterations and redraws pools with too few hard pairs); the pool images are not
@@ -112,7 +114,7 @@ class HardNegativeMiner:
     self.directory = os.path.join(workdir, 'hard_mining')
     self.pairs = pool_pairs(self.settings.pool_size)
     self._round: Optional[int] = None
-    self._pool_features = None   # (P, h, w, C) float16 on the host, for the batches
+    self.pool = None             # (D, P, h, w, C) float16 replicated on the local devices (pmap layout)
     self._scores = None          # (num pairs,)
     self._num_devices = jax.local_device_count()
 
@@ -134,7 +136,7 @@ class HardNegativeMiner:
     path = os.path.join(self.directory, f'round_{round_index}.npz')
     model = inference.SegSwap(params, self.model_config)
     features = model.features(self._pool_images(round_index)).astype(jnp.float16)
-    self._pool_features = np.asarray(features)
+    self.pool = jax.pmap(lambda _: features, devices=jax.local_devices())(jnp.arange(self._num_devices))
     if os.path.isfile(path):
       self._scores = np.load(path)['scores']
     else:
@@ -155,9 +157,9 @@ class HardNegativeMiner:
             'hard_score_max': float(self._scores.max())}
 
   def negatives(self, step: int, model_params: Callable[[], dict]) -> Dict[str, np.ndarray]:
-    """Mined negatives of `step` for this process's devices: hard_feat_a / hard_feat_b
-    `(D, num_hard, h, w, C)` float16. `model_params()` gives the current model tree (called only when a
-    new round starts)."""
+    """Mined negatives of `step` for this process's devices: pool indices hard_index_a / hard_index_b
+    int32 `(D, num_hard)` into `pool`. `model_params()` gives the current model tree (called only when
+    a new round starts)."""
     round_index = self.round_of(step)
     if round_index != self._round:
       self._prepare_round(round_index, model_params())
@@ -167,6 +169,6 @@ class HardNegativeMiner:
     chosen = draw_negatives(self._scores, global_devices * per_device, rng)
     first = jax.process_index() * self._num_devices * per_device
     mine = self.pairs[chosen[first:first + self._num_devices * per_device]]
-    shape = (self._num_devices, per_device) + self._pool_features.shape[1:]
-    return {'hard_feat_a': self._pool_features[mine[:, 0]].reshape(shape),
-            'hard_feat_b': self._pool_features[mine[:, 1]].reshape(shape)}
+    shape = (self._num_devices, per_device)
+    return {'hard_index_a': mine[:, 0].astype(np.int32).reshape(shape),
+            'hard_index_b': mine[:, 1].astype(np.int32).reshape(shape)}

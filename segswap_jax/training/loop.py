@@ -281,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         batch.update(miner.negatives(step, model_params))
         if step % config.hard_mining.round_steps == 0:  # a new round was just scored
           writer.write(step, {f'mining/{k}': v for k, v in miner.round_summary().items()})
-      state, metrics = p_step(state, batch, frozen)
+      state, metrics = p_step(state, batch, frozen if miner is None else dict(frozen, hard_pool=miner.pool))
       window.append(metrics)
       step += 1
       progress.update(1)

@@ -10,7 +10,8 @@ Per replica a batch holds B positive pairs (docs/INTERFACES.md "Training batches
   to the device; already-normalised float32 is accepted too); corr_a, corr_b `(B, h, w, 2)`;
   mask_a, mask_b `(B, h, w)`; pad_b bool `(B, h, w)`; optionally scenes int32 `(B, 2)` (scene ids of A
   and of B's background, to leave out in-batch negatives that share one) and mined negatives as
-  features hard_feat_a, hard_feat_b `(M, h, w, C)` (stage 2, `training/hard_mining.py`).
+  indices hard_index_a, hard_index_b int32 `(M,)` into `frozen['hard_pool']` `(P, h, w, C)`, the
+  round's pool features, which stay on the device (stage 2, `training/hard_mining.py`).
 Inside the step: backbone features of the 2B images (under stop_gradient unless the backbone is
 trained), the per-batch A/B role swap (one coin for the whole global batch), the in-batch negatives
 (A of pair i with B of pair j, the reference's cyclic shifts, un-swapped, no key padding; with
@@ -145,9 +146,10 @@ def make_train_step(model_config: ml_collections.ConfigDict, config: ml_collecti
         corr_a=pick(batch['corr_a'], batch['corr_b']), corr_b=pick(batch['corr_b'], batch['corr_a']))
 
     neg_x, neg_y = feat_a[neg_index_a], feat_b[neg_index_b]
-    if 'hard_feat_a' in batch:
-      neg_x = jnp.concatenate([neg_x, batch['hard_feat_a'].astype(neg_x.dtype)])
-      neg_y = jnp.concatenate([neg_y, batch['hard_feat_b'].astype(neg_y.dtype)])
+    if 'hard_index_a' in batch:
+      pool = frozen['hard_pool']
+      neg_x = jnp.concatenate([neg_x, pool[batch['hard_index_a']].astype(neg_x.dtype)])
+      neg_y = jnp.concatenate([neg_y, pool[batch['hard_index_b']].astype(neg_y.dtype)])
     num_pos, num_neg = x.shape[0], neg_x.shape[0]
     neg_pad = jnp.zeros((num_neg,) + no_pad.shape[1:], bool)
     out_x, out_y = matcher.apply(
