@@ -224,7 +224,7 @@ def main(quick: bool = False) -> str:
            + '; '.join(f'{d} {p / 1e12:.3f} TFLOP/s ({how})' for d, (p, how) in peaks.items()), '', HEADER]
   lines += pair_forward(params, base, size, 1 if cpu else 8, 2 if cpu else 10, peaks)
   score_rows, per_candidate = candidate_scoring(params, base, size, 16 if quick else 100, 8 if quick else 32,
-                                                1 if cpu else 10, peaks)
+                                                3 if cpu else 10, peaks)
   lines += score_rows
   step_rows, step_note = train_step(240 if quick else 480, 1 if cpu else 5, peaks)
   lines += step_rows

@@ -29,9 +29,11 @@ def main(argv=None) -> int:
                       help='evaluate only the first N pairs (0 = all)')
   parser.add_argument('--picture', default='', help='also draw the first pairs into this PNG')
   cli.add_out(parser, 'also write the metrics to this JSON file', default='')
+  parser.add_argument('--compute-dtype', choices=('float32', 'bfloat16'), default=None,
+                      help="evaluate in this dtype (default: the checkpoint's, float32)")
   args = parser.parse_args(argv)
   result = validation.evaluate_checkpoint(args.checkpoint, args.data_dir, args.split, args.batch_size,
-                                          args.num_pairs, args.picture)
+                                          args.num_pairs, args.picture, compute_dtype=args.compute_dtype)
   print(f'{args.checkpoint} on {args.data_dir} [{args.split}]: ' + validation.format_result(result))
   if args.out:
     with open(args.out, 'w') as f:

@@ -20,6 +20,7 @@ import numpy as np
 from data_pipeline import builder
 from data_pipeline import loader as loader_lib
 from segswap_jax import checkpoints
+from segswap_jax import cli
 from segswap_jax import inference
 from segswap_jax import losses
 from segswap_jax import multihost
@@ -142,9 +143,12 @@ def brueghel_map(brueghel_dir: str, model_params: dict, model_config, batch_size
 
 
 def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = 'validation', batch_size: int = 8,
-                        num_pairs: int = 0, picture: str = '', num_drawn: int = 6) -> Dict[str, float]:
-  """Held-out metrics of a saved model on one split of a pair dataset (one process)."""
+                        num_pairs: int = 0, picture: str = '', num_drawn: int = 6,
+                        compute_dtype: Optional[str] = None) -> Dict[str, float]:
+  """Held-out metrics of a saved model on one split of a pair dataset (one process), in its own compute
+  dtype or `compute_dtype`."""
   params, model_config = checkpoints.load_model(checkpoint)
+  model_config = cli.compute_config(model_config, compute_dtype)
   dataset_dir = builder.resolve_dataset_dir(data_dir)
   evaluator = HeldOutEvaluator(dataset_dir, model_config, batch_size, num_pairs, split)
   result = evaluator.evaluate(params)
