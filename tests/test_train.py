@@ -241,9 +241,12 @@ def test_a_short_hard_mining_run(train_dataset, tmp_path):
   config = tiny_config(train_dataset, train_backbone=False, num_epochs=2, warmup_steps=0,
                        **{'hard_mining.enabled': True, 'hard_mining.pool_size': 4,
                           'hard_mining.round_steps': 2, 'hard_mining.num_hard': 1,
-                          'hard_mining.batch_size': 2})
+                          'hard_mining.batch_size': 2}, profile_steps=(1, 1))
   summary = loop.train_and_evaluate(config, str(tmp_path / 'stage2'))
   assert summary['steps'] == 3
+  # The profiler hook: a trace of step 1 (what TensorBoard's profile plugin reads).
+  traces = [f for _, _, files in os.walk(str(tmp_path / 'stage2' / 'profile')) for f in files]
+  assert any(f.endswith('.xplane.pb') for f in traces), traces
   assert sorted(os.listdir(str(tmp_path / 'stage2' / 'hard_mining'))) == ['round_0.npz', 'round_1.npz']
   rounds = [r for r in train_logging.read_metrics(str(tmp_path / 'stage2')) if 'mining/hard_score_max' in r]
   assert [r['step'] for r in rounds] == [0, 2]
@@ -306,3 +309,18 @@ def test_brueghel_validation_picks_the_best_checkpoint(train_dataset, brueghel_d
                             db_size=128, box_size=32)
   expected = next(r['val/brueghel_map'] for r in records if r['step'] == best_step)
   assert again['retrieval_map'] == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_compilation_cache_folder(tmp_path):
+  """'' = $SEGSWAP_JAX_COMPILATION_CACHE or ~/.cache/segswap_jax/xla, 'none' = off, a path = that folder
+  (set in a fresh process: JAX keeps the first folder of a process)."""
+  from segswap_jax import compilation_cache
+  assert compilation_cache.cache_dir('none') == ''
+  assert compilation_cache.cache_dir(str(tmp_path / 'c')) == str(tmp_path / 'c')
+  script = ('import jax; from segswap_jax import compilation_cache as c; '
+            f'print(c.enable({str(tmp_path / "xla")!r})); print(jax.config.jax_compilation_cache_dir)')
+  env = dict(os.environ, SEGSWAP_JAX_COMPILATION_CACHE='none')
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == [str(tmp_path / 'xla')] * 2 and os.path.isdir(str(tmp_path / 'xla'))
