@@ -28,6 +28,7 @@ from tqdm import tqdm
 from eval import feature_cache, resumable, retrieval
 from segswap_jax import checkpoints
 from segswap_jax import cli
+from segswap_jax import compilation_cache
 from segswap_jax import images
 from segswap_jax import inference
 from segswap_jax import multihost
@@ -380,6 +381,7 @@ def main(argv=None) -> int:
   cli.add_multihost(parser)
   args = parser.parse_args(argv)
   multihost.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  compilation_cache.enable()
   params, config, digests = checkpoints.load_verified(args.checkpoint)
   config = cli.compute_config(config, args.compute_dtype)
   results = evaluate(

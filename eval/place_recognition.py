@@ -22,6 +22,7 @@ from tqdm import tqdm
 from eval import feature_cache, place_formats, resumable, retrieval
 from segswap_jax import checkpoints
 from segswap_jax import cli
+from segswap_jax import compilation_cache
 from segswap_jax import images
 from segswap_jax import inference
 from segswap_jax import multihost
@@ -192,6 +193,7 @@ def run_cli(layout: Layout, description: str, argv: Optional[List[str]] = None) 
   """Parses flags, runs `evaluate`, prints the table, writes the JSON (process 0). Returns the exit code."""
   args = build_parser(layout, description).parse_args(argv)
   multihost.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  compilation_cache.enable()
   lists_dir = args.lists_dir or args.data_dir
   dataset = place_formats.load_place_dataset(
       {item: os.path.join(lists_dir, name) for item, name in layout.npy_files.items()},

@@ -30,6 +30,7 @@ from eval import collection
 from eval import discovery
 from segswap_jax import checkpoints
 from segswap_jax import cli
+from segswap_jax import compilation_cache
 from segswap_jax import errors
 from segswap_jax import images as images_lib
 from segswap_jax import inference
@@ -273,6 +274,7 @@ def main(argv=None) -> int:
   cli.add_compute(parser, cache_format_default='projected')
   args = parser.parse_args(argv)
   list_images(args.images)  # fail on the folder before loading the model
+  compilation_cache.enable()
   data = discover_folder(args.images, args.out, checkpoint=args.checkpoint, image_size=args.image_size,
                          max_pairs_per_image=args.max_pairs_per_image, method=args.method, sigma=args.sigma,
                          flip=args.flip, max_patterns=args.max_patterns, batch_size=args.batch_size,
