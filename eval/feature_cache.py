@@ -25,6 +25,7 @@ import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -243,6 +244,7 @@ def model_feature_cache(root: str, backbone_digest: str, image_hw, normalization
 
 
 CACHE_FORMATS = ('backbone', 'projected')
+UPLOAD_ROWS = 1024  # rows per host-to-device copy when a candidate store goes to the devices
 
 
 def token_cache(root: str, model_fingerprint: str, features: FeatureCache, d_model: int) -> FeatureCache:
@@ -291,16 +293,20 @@ class CandidateStore:
     caches = [features] + ([self.tokens] if self.tokens is not None else [])
     self.bytes_per_image = int(sum(np.prod(c.feature_shape) * c.dtype.itemsize for c in caches))
     self._device = None
+    self._token_row = {} if self.tokens is None else {
+        int(r): int(t) for r, t in zip(features.rows(names), self.tokens.rows(names))}
     if device_budget_bytes and self.bytes_per_image * len(set(names)) <= device_budget_bytes:
       unique = sorted(set(features.rows(names).tolist()))
       self._position = {row: i for i, row in enumerate(unique)}
-      tables = {'features': features.read(unique)}
-      if self.tokens is not None:
-        tables['tokens'] = self.tokens.read(self.tokens.rows([features.names[r] for r in unique]))
-      self._device = {k: model.on_all_devices(v) for k, v in tables.items()}
-      self._token_row = None
-    elif self.tokens is not None:
-      self._token_row = {r: t for r, t in zip(features.rows(names), self.tokens.rows(names))}
+      # Uploaded in chunks, so the host never holds more than one chunk (the devices hold the store
+      # twice while the chunks are joined: the budget is a fraction of their memory).
+      chunks = {'features': [], 'tokens': []}
+      for start in range(0, len(unique), UPLOAD_ROWS):
+        part = unique[start:start + UPLOAD_ROWS]
+        chunks['features'].append(model.on_all_devices(features.read(part)))
+        if self.tokens is not None:
+          chunks['tokens'].append(model.on_all_devices(self.tokens.read([self._token_row[r] for r in part])))
+      self._device = {k: jnp.concatenate(v) for k, v in chunks.items() if v}
 
   @property
   def on_device(self) -> bool:
@@ -319,9 +325,9 @@ class CandidateStore:
     return out if self.tokens is not None else out['features']
 
 
-def device_budget_bytes(fraction: float = 0.5) -> int:
+def device_budget_bytes(fraction: float = 0.4) -> int:
   """`fraction` of the first local device's memory when it reports it (accelerators), else 0 (CPU: the
-  host page cache already is the fastest store)."""
+  host page cache already is the fastest store). 0.4: the store is held twice while it is assembled."""
   import jax
   device = jax.local_devices()[0]
   if device.platform == 'cpu':

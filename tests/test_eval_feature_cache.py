@@ -116,3 +116,37 @@ def test_resolve_swaps_extension_and_fingerprint_changes_with_values(image_dir):
   changed = {'a': np.zeros(3, np.float32), 'b': {'c': np.full((2, 2), 2.0)}}
   assert checkpoints.tree_digest(tree) == checkpoints.tree_digest(same)
   assert checkpoints.tree_digest(tree) != checkpoints.tree_digest(changed)
+
+
+def test_candidate_store_on_the_devices_reads_what_the_caches_hold(tmp_path, monkeypatch):
+  """The token cache is filled from the feature cache; the device-resident store (forced here with a
+  budget, in chunks of 3 rows) serves exactly the rows the host streaming store reads."""
+  import jax
+  from segswap_jax import inference, model as model_lib
+  config = model_lib.model_config('tiny', 'I C')
+  config.backbone, config.backbone_widths, config.feature_dim = 'small_convnet', (8, 8, 16, 16), 16
+  params = jax.tree.map(np.asarray, model_lib.init_params(config, jax.random.key(0)))
+  model = inference.SegSwap(params, config)
+  cache = feature_cache.FeatureCache(str(tmp_path / 'features'), {'feature_shape': [2, 3, 16], 'dtype': 'float16',
+                                                                 'fingerprint': 'x', 'image_size': [32, 48],
+                                                                 'normalization': 'imagenet'})
+  names = [f'img{i}.png' for i in range(7)]
+  rows = np.random.default_rng(0).standard_normal((7, 2, 3, 16)).astype(np.float32)
+  rows /= np.linalg.norm(rows, axis=-1, keepdims=True)
+  cache.register(names)
+  cache.write(cache.rows(names), rows)
+  monkeypatch.setattr(feature_cache, 'UPLOAD_ROWS', 3)
+  streamed = feature_cache.CandidateStore(model, cache, names, 'projected', str(tmp_path), batch_size=4)
+  resident = feature_cache.CandidateStore(model, cache, names, 'projected', str(tmp_path), batch_size=4,
+                                          device_budget_bytes=10 ** 9)
+  assert not streamed.on_device and resident.on_device
+  assert streamed.computed_tokens == 7 and resident.computed_tokens == 0   # the second reuses the tokens
+  assert streamed.bytes_per_image == 2 * 3 * (16 + config.d_model) * 2
+  pick = cache.rows([names[5], names[0], names[5], names[2]])
+  a, b = streamed.read(pick), resident.read(pick)
+  for key in ('features', 'tokens'):
+    np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+  np.testing.assert_allclose(np.asarray(a['tokens'], np.float32),
+                             np.asarray(model.tokens(rows[[5, 0, 5, 2]])), atol=2e-3 * 8)
+  backbone_only = feature_cache.CandidateStore(model, cache, names, 'backbone', str(tmp_path), batch_size=4)
+  np.testing.assert_array_equal(backbone_only.read(pick), rows[[5, 0, 5, 2]].astype(np.float16))
