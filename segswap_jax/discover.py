@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from eval import collection
 from eval import discovery
-from segswap_jax import checkpoints
 from segswap_jax import cli
 from segswap_jax import compilation_cache
 from segswap_jax import errors
@@ -218,9 +217,7 @@ def discover_folder(images_dir: str, out_dir: str, checkpoint: Optional[str] = N
   names, images = load_collection(images_dir, image_size, skip_unreadable)
   timings = {}
   start = time.perf_counter()
-  if model is None:
-    params, config, digests = checkpoints.load_verified(checkpoint)
-    model = inference.SegSwap(params, cli.compute_config(config, compute_dtype), checkpoint, digests=digests)
+  model = model or inference.SegSwap.load(checkpoint, compute_dtype=compute_dtype)
   features = collection.collection_features(model, images)
   pairs = collection.candidate_pairs(collection.global_descriptors(features), max_pairs_per_image or None)
   timings['features + pre-filter (s)'] = round(time.perf_counter() - start, 2)

@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segswap_jax import checkpoints
+from segswap_jax import cli
 from segswap_jax import errors
 from segswap_jax import features as features_lib
 from segswap_jax import model as model_lib
@@ -214,9 +215,11 @@ class SegSwap:
                                     self.functions.replicated)
 
   @classmethod
-  def load(cls, checkpoint_dir: str, devices: Optional[Sequence[jax.Device]] = None) -> 'SegSwap':
+  def load(cls, checkpoint_dir: str, devices: Optional[Sequence[jax.Device]] = None,
+           compute_dtype: Optional[str] = None) -> 'SegSwap':
+    """A verified checkpoint, in its own compute dtype or `compute_dtype` (docs/performance.md)."""
     params, config, digests = checkpoints.load_verified(checkpoint_dir)
-    return cls(params, config, checkpoint_dir, devices, digests)
+    return cls(params, cli.compute_config(config, compute_dtype), checkpoint_dir, devices, digests)
 
   @property
   def digests(self) -> Dict[str, str]:

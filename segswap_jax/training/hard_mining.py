@@ -42,6 +42,7 @@ from data_pipeline import builder
 from segswap_jax import errors
 from segswap_jax import inference
 from segswap_jax import multihost
+from segswap_jax.training import step as step_lib
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
@@ -136,7 +137,7 @@ class HardNegativeMiner:
     path = os.path.join(self.directory, f'round_{round_index}.npz')
     model = inference.SegSwap(params, self.model_config)
     features = model.features(self._pool_images(round_index)).astype(jnp.float16)
-    self.pool = jax.pmap(lambda _: features, devices=jax.local_devices())(jnp.arange(self._num_devices))
+    self.pool = step_lib.replicate(np.asarray(features))
     if os.path.isfile(path):
       self._scores = np.load(path)['scores']
     else:
