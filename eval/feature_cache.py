@@ -281,7 +281,6 @@ class CandidateStore:
     if cache_format not in CACHE_FORMATS:
       raise DataError(f'cache format must be one of {CACHE_FORMATS}, got {cache_format!r}')
     self.features = features
-    self.cache_format = cache_format
     self.tokens = None
     self.computed_tokens = 0
     if cache_format == 'projected':

@@ -367,7 +367,8 @@ class CrossTransformer(nn.Module):
 
   @property
   def hoists_first_layer(self) -> bool:
-    return self._layers()[0][1] == 'I' if self._layers() else False
+    layers = self._layers()
+    return bool(layers) and layers[0][1] == 'I'
 
   def _with_position(self, x, h, w):
     pos = sine_position_encoding(h, w, self.d_model).reshape(1, h * w, self.d_model)
